@@ -1,0 +1,118 @@
+"""One client's round: check the ledger, run DP-SGD with Opacus, record what was spent.
+
+This is the `task.py` of Flower's templates for the client side: plain functions that
+know nothing about Messages, so they can be called and tested directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger
+from common.config import NodeConfig, RunConfig
+from common.data import client_shard, resolve_data_dir
+from common.model import build_model
+from common.privacy import sample_rate, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+# Opacus' hooks on the first layer, whose input needs no gradient, trip this PyTorch warning
+# on every backward pass; the per-sample gradients are unaffected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a client releases after a round: weights only if it trained."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    num_examples: int
+    train_loss: float
+    epsilon: float
+    delta: float
+    refusal: str | None = None
+
+
+def budget_for(run: RunConfig, node: NodeConfig) -> PrivacyBudget:
+    """The client's budget: its own node config wins over what the run proposes."""
+    return PrivacyBudget(
+        epsilon=node.target_epsilon if node.target_epsilon is not None else run.privacy.target_epsilon,
+        delta=node.target_delta if node.target_delta is not None else run.privacy.target_delta,
+    )
+
+
+def train_round(
+    global_state: dict[str, torch.Tensor], run: RunConfig, node: NodeConfig, store: LedgerStore
+) -> RoundOutcome:
+    """Train on this client's shard for one round, unless the ledger forbids it."""
+    data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
+    shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+    batch_size = run.training.batch_size
+    ledger = store.load() or PrivacyLedger.open(
+        budget_for(run, node),
+        run.privacy.accountant,
+        num_examples=len(shard),
+        batch_size=batch_size,
+        local_epochs=run.training.local_epochs,
+        num_rounds=run.federation.num_server_rounds,
+    )
+    steps = run.training.local_epochs * steps_per_epoch(len(shard), batch_size)
+    refusal = ledger.refusal(steps, sample_rate(len(shard), batch_size))
+    if refusal is not None:
+        log.warning("client %d refuses to train: %s", node.partition_id, refusal)
+        return RoundOutcome(None, 0, 0.0, ledger.epsilon, ledger.budget.delta, refusal)
+
+    model = build_model(run.training.model)
+    model.load_state_dict(global_state)
+    loss = dp_train(model, shard, ledger, run)
+    store.save(ledger)
+    return RoundOutcome(model.state_dict(), len(shard), loss, ledger.epsilon, ledger.budget.delta)
+
+
+def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run: RunConfig) -> float:
+    """DP-SGD over `shard` for the configured local epochs; returns the mean batch loss.
+
+    Poisson sampling, per-sample clipping and Gaussian noise come from Opacus. The engine
+    counts steps into the ledger's own accountant, restored from earlier rounds, so epsilon
+    keeps accumulating across rounds. Sampling and noise are deliberately not seeded from
+    the config: noise that the server could regenerate from a known seed protects nothing.
+    """
+    training = run.training
+    loader = DataLoader(shard, batch_size=training.batch_size)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=training.learning_rate, momentum=training.momentum
+    )
+    engine = PrivacyEngine(accountant=ledger.plan.accountant)
+    engine.accountant = ledger.accountant
+    private_model, optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=ledger.plan.noise_multiplier,
+        max_grad_norm=run.privacy.max_grad_norm,
+        poisson_sampling=True,
+    )
+    criterion = nn.CrossEntropyLoss()
+    private_model.train()
+    losses = []
+    epochs = tqdm(
+        range(training.local_epochs), desc="local epochs", leave=False, disable=not sys.stderr.isatty()
+    )
+    for _ in epochs:
+        for images, labels in private_loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(private_model(images), labels)
+            loss.backward()
+            optimizer.step()
+            if len(labels):
+                losses.append(loss.item())
+    return sum(losses) / max(len(losses), 1)

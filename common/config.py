@@ -1,0 +1,334 @@
+"""One typed schema for the run config, the node config and the presets.
+
+Keys are flat and kebab-case like Flower's (`num-server-rounds`, `target-epsilon`), so the
+same names work in `pyproject.toml`, in preset TOML files, in `flwr run --run-config` and in
+`dpfl simulate --set`. Internally the run config is split into typed sections (federation,
+data, training, privacy) in the spirit of jax_privacy: privacy parameters stay apart from
+training parameters, and accounting can be computed from them before any training starts.
+
+Every value is checked once, at start-up; a bad one stops the run with a single line that
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+#: Number of images in the MNIST training set; the most samples any run can shard.
+TRAIN_SET_SIZE = 60_000
+
+Value = int | float | str
+
+
+def _option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A schema field: its default, a one-line meaning, and the allowed range or choices."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "high_open": high_open,
+            "choices": choices,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How many clients take part and for how long."""
+
+    num_clients: int = _option(10, "number of simulated clients (SuperNodes)", low=1)
+    num_server_rounds: int = _option(5, "federated rounds", low=1)
+    fraction_train: float = _option(
+        1.0, "fraction of clients sampled each round", low=0.0, high=1.0, low_open=True
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where MNIST lives and how the training set is cut into client shards."""
+
+    data_dir: str = _option(
+        "", "directory holding MNIST/raw/*-ubyte; empty means $DPFL_DATA_DIR, else ./data"
+    )
+    partitioner: str = _option(
+        "iid", "how shards are drawn", choices=("iid", "dirichlet")
+    )
+    dirichlet_alpha: float = _option(
+        0.5, "label-skew concentration for the dirichlet partitioner", low=0.0, low_open=True
+    )
+    train_subset: int = _option(
+        0, "use only this many training images (0 = all 60000)", low=0, high=TRAIN_SET_SIZE
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local DP-SGD on each client."""
+
+    model: str = _option("cnn", "model architecture", choices=("cnn",))
+    batch_size: int = _option(
+        256, "expected batch size (Poisson sampling draws each example with rate B/n)", low=1
+    )
+    local_epochs: int = _option(1, "local epochs per round", low=1)
+    learning_rate: float = _option(1.0, "SGD learning rate", low=0.0, low_open=True)
+    momentum: float = _option(0.0, "SGD momentum", low=0.0, high=1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The per-client (epsilon, delta) budget and how it is spent and counted."""
+
+    target_epsilon: float = _option(
+        2.0, "each client's total epsilon for the whole run", low=0.0, low_open=True
+    )
+    target_delta: float = _option(
+        1e-5, "each client's delta", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    max_grad_norm: float = _option(
+        1.0, "per-sample gradient clipping norm", low=0.0, low_open=True
+    )
+    accountant: str = _option(
+        "prv", "Opacus privacy accountant", choices=("prv", "rdp", "gdp")
+    )
+    ledger_dir: str = _option(
+        "",
+        "simulated clients keep their ledgers in <ledger-dir>/client-<partition-id>/, so "
+        "spent budget carries over to later runs; empty keeps them in memory for one run",
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs; the resolved form is saved as `config.toml`."""
+
+    name: str = _option("run", "run name, used in the run directory's name")
+    output_dir: str = _option("outputs", "where run directories are created")
+    seed: int = _option(0, "fixes partitioning, initialisation and client sampling", low=0)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a run config from flat kebab-case keys; missing keys keep defaults."""
+        config = _build(cls, values)
+        _check_run(config)
+        return config
+
+    def to_flat(self) -> dict[str, Value]:
+        """Flat kebab-case keys, as Flower's run config and `config.toml` hold them."""
+        return {key: value for key, value, _ in _walk(self)}
+
+    def total_train_examples(self) -> int:
+        """How many training images are split among the clients."""
+        return self.data.train_subset or TRAIN_SET_SIZE
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a client (SuperNode) owns: its shard, its data and its own privacy budget.
+
+    `target-epsilon` / `target-delta` here win over the run config: the server proposes,
+    the client decides how much of its data's privacy it is willing to spend.
+    """
+
+    partition_id: int = _option(0, "which shard of the training set this client holds", low=0)
+    num_partitions: int = _option(1, "how many shards the training set is cut into", low=1)
+    target_epsilon: float | None = _option(
+        None, "this client's own epsilon budget", low=0.0, low_open=True
+    )
+    target_delta: float | None = _option(
+        None, "this client's own delta", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    data_dir: str = _option("", "this client's MNIST directory; empty means the run's")
+    ledger_dir: str = _option("", "directory where the privacy ledger is persisted")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> NodeConfig:
+        """Build and validate a node config from flat kebab-case keys."""
+        config = _build(cls, values)
+        if config.partition_id >= config.num_partitions:
+            raise ConfigError(
+                f"node config partition-id = {config.partition_id} is invalid: must be below "
+                f"num-partitions = {config.num_partitions}"
+            )
+        return config
+
+
+def kebab(name: str) -> str:
+    """`num_server_rounds` -> `num-server-rounds`."""
+    return name.replace("_", "-")
+
+
+def _walk(config: Any) -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Yield (key, value, field) for every leaf option of a config dataclass."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value)
+        else:
+            yield kebab(f.name), value, f
+
+
+def _leaf_fields(cls: type) -> dict[str, tuple[tuple[str, ...], dataclasses.Field]]:
+    """Map each flat key to (path of attribute names, field) for a config class."""
+    leaves: dict[str, tuple[tuple[str, ...], dataclasses.Field]] = {}
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            for key, (path, leaf) in _leaf_fields(f.default_factory).items():
+                leaves[key] = ((f.name, *path), leaf)
+        else:
+            leaves[kebab(f.name)] = ((f.name,), f)
+    return leaves
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    leaves = _leaf_fields(cls)
+    unknown = sorted(set(values) - set(leaves))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(leaves))}"
+        )
+    nested: dict[str, Any] = {}
+    for key, raw in values.items():
+        path, leaf = leaves[key]
+        target = nested
+        for name in path[:-1]:
+            target = target.setdefault(name, {})
+        target[path[-1]] = _coerce(key, raw, leaf)
+    return _instantiate(cls, nested)
+
+
+def _instantiate(cls: type, nested: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in nested:
+            continue
+        value = nested[f.name]
+        kwargs[f.name] = _instantiate(f.default_factory, value) if isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _leaf_type(leaf: dataclasses.Field) -> type:
+    """The scalar type of a field annotated `int`, `float`, `str` or `float | None`."""
+    annotation = str(leaf.type)
+    for name, typ in (("int", int), ("float", float), ("str", str)):
+        if annotation.startswith(name):
+            return typ
+    raise TypeError(f"unsupported config annotation {annotation}")
+
+
+def _describe(leaf: dataclasses.Field, typ: type) -> str:
+    meta = leaf.metadata
+    if meta["choices"]:
+        return "one of: " + ", ".join(meta["choices"])
+    kind = "an integer" if typ is int else "a number" if typ is float else "a string"
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        left = "(" if meta["low_open"] else "["
+        right = ")" if meta["high_open"] else "]"
+        return f"{kind} in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"{kind} {'>' if meta['low_open'] else '>='} {low:g}"
+    return kind
+
+
+def _coerce(key: str, raw: Any, leaf: dataclasses.Field) -> Value | None:
+    """Convert one raw value (typed from TOML, or a string from the command line) and check it."""
+    typ = _leaf_type(leaf)
+    allowed = _describe(leaf, typ)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key} = {raw!r} is invalid: must be {allowed}")
+
+    if isinstance(raw, bool):
+        raise bad()
+    if typ is str:
+        if not isinstance(raw, str):
+            raise bad()
+        value: Value = raw
+    elif isinstance(raw, str):
+        try:
+            value = typ(raw.strip())
+        except ValueError:
+            raise bad() from None
+    elif typ is int and isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    elif isinstance(raw, (int, float)) and not (typ is int and isinstance(raw, float)):
+        value = typ(raw)
+    else:
+        raise bad()
+
+    meta = leaf.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise bad()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad()
+    if isinstance(value, (int, float)):
+        low, high = meta["low"], meta["high"]
+        if low is not None and (value < low or (meta["low_open"] and value == low)):
+            raise bad()
+        if high is not None and (value > high or (meta["high_open"] and value == high)):
+            raise bad()
+    return value
+
+
+def _check_run(config: RunConfig) -> None:
+    """Checks that involve more than one key."""
+    examples = config.total_train_examples()
+    if config.federation.num_clients > examples:
+        raise ConfigError(
+            f"num-clients = {config.federation.num_clients} is invalid: more clients than "
+            f"training samples ({examples}); lower num-clients or raise train-subset"
+        )
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse `key=value` strings from the command line."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is invalid: write it as key=value, e.g. num-server-rounds=3")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a flat TOML config file, with one-line errors for unreadable or nested files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"config file {path}: table [{key}] is not allowed; write its keys flat, "
+                "e.g. target-epsilon = 2.0"
+            )
+    return values

@@ -1,0 +1,113 @@
+"""MNIST from a local data directory, as in-memory tensors, cut into client shards.
+
+The four raw idx files are read through torchvision's `MNIST` dataset (torchvision layout:
+`<data-dir>/MNIST/raw/*-ubyte`). Images are normalised once into a float tensor: DP-SGD
+touches every example many times, and decoding PIL images per sample would dominate a
+CPU run. Where the files are missing we try torchvision's download once and, if that
+fails, say exactly which files to put where.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+from torchvision.datasets import MNIST
+
+from common.config import DataConfig
+from common.errors import DataError
+from common.partition import partition_indices
+
+log = logging.getLogger(__name__)
+
+#: Raw idx files torchvision's MNIST reads, with their idx dimensionality.
+RAW_FILES = {
+    "train-images-idx3-ubyte": 3,
+    "train-labels-idx1-ubyte": 1,
+    "t10k-images-idx3-ubyte": 3,
+    "t10k-labels-idx1-ubyte": 1,
+}
+MEAN, STD = 0.1307, 0.3081
+DATA_DIR_ENV = "DPFL_DATA_DIR"
+
+
+def resolve_data_dir(configured: str = "") -> Path:
+    """The data directory: the config value if set, else $DPFL_DATA_DIR, else ./data."""
+    return Path(configured or os.environ.get(DATA_DIR_ENV) or "data").expanduser().resolve()
+
+
+def ensure_mnist(data_dir: Path) -> None:
+    """Make sure the four raw MNIST files are present and whole, downloading as a last resort."""
+    raw = data_dir / "MNIST" / "raw"
+    missing = [name for name in RAW_FILES if not (raw / name).is_file()]
+    if missing:
+        log.info("MNIST files missing in %s; trying torchvision's download", raw)
+        try:
+            MNIST(str(data_dir), train=True, download=True)
+        except Exception as err:  # any network or archive failure: we explain below
+            raise DataError(
+                f"MNIST not found in {raw} (missing {', '.join(missing)}) and the download "
+                f"failed ({type(err).__name__}); put the four files {', '.join(RAW_FILES)} "
+                f"into {raw}/, or point {DATA_DIR_ENV} or data-dir at a directory that has "
+                "MNIST/raw/"
+            ) from None
+    for name, ndim in RAW_FILES.items():
+        _check_idx_file(raw / name, ndim)
+
+
+def _check_idx_file(path: Path, ndim: int) -> None:
+    """Check an idx file's header against its length, so truncation is caught up front."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header = f.read(4 + 4 * ndim)
+    fix = f"replace {path} with an intact copy of the MNIST file"
+    if len(header) < 4 + 4 * ndim or header[:2] != b"\x00\x00" or header[2] != 0x08 or header[3] != ndim:
+        raise DataError(f"{path} is not an MNIST idx file (bad header); {fix}")
+    dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if size != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: its header promises {expected} bytes but it has "
+            f"{size}; {fix}"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
+    """The MNIST training or test set as normalised (N, 1, 28, 28) images and labels.
+
+    Cached per process: a simulated client process serves many rounds and many clients.
+    """
+    ensure_mnist(data_dir)
+    dataset = MNIST(str(data_dir), train=train, download=False)
+    images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
+    return TensorDataset(images, dataset.targets.clone())
+
+
+def client_shard(
+    config: DataConfig, seed: int, partition_id: int, num_partitions: int, data_dir: Path
+) -> TensorDataset:
+    """The training shard of one client: disjoint from every other client's for the same seed."""
+    train = load_mnist(data_dir, train=True)
+    indices = shard_indices(train.tensors[1], config, seed, num_partitions)[partition_id]
+    index = torch.from_numpy(indices)
+    return TensorDataset(train.tensors[0][index], train.tensors[1][index])
+
+
+def shard_indices(
+    labels: torch.Tensor, config: DataConfig, seed: int, num_partitions: int
+) -> list[np.ndarray]:
+    """Indices into the training set for every client, deterministic from the seed."""
+    rng = np.random.default_rng(seed)
+    pool = np.arange(len(labels))
+    if config.train_subset:
+        pool = np.sort(rng.permutation(pool)[: config.train_subset])
+    parts = partition_indices(
+        labels.numpy()[pool], num_partitions, config.partitioner, config.dirichlet_alpha, rng
+    )
+    return [pool[part] for part in parts]

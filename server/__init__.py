@@ -1,0 +1,1 @@
+"""The dpfl ServerApp: strategy, aggregation, central evaluation, results and checkpoints."""

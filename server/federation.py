@@ -1,0 +1,97 @@
+"""One federated run on the server side: strategy, central evaluation and results.
+
+This is the server's `task.py`: it takes a Grid and a validated RunConfig, so the same
+code serves `flwr run .`, `dpfl simulate` and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from common.data import load_mnist, resolve_data_dir
+from common.evaluation import evaluate
+from common.model import build_model
+from server.results import RoundRow, RunDirectory
+from server.strategy import BudgetExhausted, LedgerAwareFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
+    """Run FedAvg with DP clients for the configured rounds; return the run's summary."""
+    run_dir = RunDirectory.create(config)
+    random.seed(config.seed)  # Flower samples clients with the `random` module
+    model = build_model(config.training.model, seed=config.seed)
+    test_set = load_mnist(resolve_data_dir(config.data.data_dir), train=False)
+    federation = config.federation
+    strategy = LedgerAwareFedAvg(
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=0.0,  # evaluation is central, on the server's test set
+        min_train_nodes=max(1, math.floor(federation.fraction_train * federation.num_clients)),
+        min_available_nodes=federation.num_clients,
+    )
+    rows: list[RoundRow] = []
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test_set)
+        if server_round > 0:
+            row = RoundRow(
+                round=server_round,
+                test_accuracy=accuracy,
+                test_loss=loss,
+                epsilon=strategy.epsilon,
+                delta=strategy.delta,
+                train_loss=strategy.last_round.train_loss,
+                clients_trained=strategy.last_round.clients_trained,
+                clients_refused=strategy.last_round.clients_refused,
+                seconds=run_dir.elapsed(),
+            )
+            run_dir.append_round(row)
+            run_dir.save_model(model.state_dict())
+            rows.append(row)
+            log.info(
+                "round %d/%d  accuracy %.2f%%  loss %.4f  epsilon %.3f  delta %.0e  %.1f s",
+                server_round,
+                federation.num_server_rounds,
+                100 * accuracy,
+                loss,
+                row.epsilon,
+                row.delta,
+                row.seconds,
+            )
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    stop_reason = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=federation.num_server_rounds,
+            train_config=ConfigRecord(config.to_flat()),
+            evaluate_fn=central_evaluate,
+        )
+    except BudgetExhausted as err:
+        stop_reason = str(err)
+        log.warning("stopping early after round %d: %s", len(rows), err)
+    summary = {
+        "name": config.name,
+        "run-dir": str(run_dir.path),
+        "rounds-planned": federation.num_server_rounds,
+        "rounds-completed": len(rows),
+        "stopped-early": stop_reason,
+        "test-accuracy": rows[-1].test_accuracy if rows else None,
+        "test-loss": rows[-1].test_loss if rows else None,
+        "epsilon": strategy.epsilon,
+        "delta": strategy.delta,
+        "wall-seconds": run_dir.elapsed(),
+    }
+    run_dir.write_summary(summary)
+    return summary

@@ -1,0 +1,17 @@
+"""The Flower ServerApp for `flwr run .`: reads the run config and hands over to `run_federation`."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from server.federation import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the run config from `pyproject.toml` / `--run-config`, then run."""
+    run_federation(grid, RunConfig.from_mapping(context.run_config))

@@ -1,0 +1,114 @@
+"""FedAvg that respects clients' privacy ledgers.
+
+Flower's FedAvg does the sampling and the weighted averaging. What it adds: a client may
+refuse a round because its privacy budget is spent; its reply then carries no weights,
+is logged, and is left out of the average. The strategy also keeps every client's latest
+cumulative epsilon (the run's epsilon is the maximum: shards are disjoint, so privacy
+composes in parallel) and stops the run, before evaluating, once every connected client has refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.protocol import DELTA, EPSILON, METRICS_KEY, NUM_EXAMPLES, REFUSAL_KEY, TRAIN_LOSS
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(Exception):
+    """Every connected client has refused to train: no further round can change the model."""
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Examples summed, loss weighted by examples, epsilon and delta as the maximum over clients."""
+    metrics = [record[METRICS_KEY] for record in records]
+    examples = sum(int(m[weighting_key]) for m in metrics)
+    return MetricRecord(
+        {
+            NUM_EXAMPLES: examples,
+            TRAIN_LOSS: sum(float(m[TRAIN_LOSS]) * int(m[weighting_key]) for m in metrics) / examples,
+            EPSILON: max(float(m[EPSILON]) for m in metrics),
+            DELTA: max(float(m[DELTA]) for m in metrics),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TrainRound:
+    """What the last training round produced, for the results row."""
+
+    clients_trained: int = 0
+    clients_refused: int = 0
+    train_loss: float = math.nan
+
+
+class LedgerAwareFedAvg(FedAvg):
+    """FedAvg that leaves refused rounds out of the average and tracks each client's epsilon."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(train_metrics_aggr_fn=aggregate_train_metrics, **kwargs)
+        self.epsilon_by_node: dict[int, float] = {}
+        self.delta_by_node: dict[int, float] = {}
+        self.refused_nodes: set[int] = set()
+        self.connected_nodes: set[int] = set()
+        self.last_round = TrainRound()
+
+    @property
+    def epsilon(self) -> float:
+        """The run's epsilon so far: the largest cumulative epsilon any client reported."""
+        return max(self.epsilon_by_node.values(), default=0.0)
+
+    @property
+    def delta(self) -> float:
+        return max(self.delta_by_node.values(), default=0.0)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.connected_nodes = set(grid.get_node_ids())
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        trained, refused = [], []
+        for reply in replies:
+            if reply.has_error():
+                trained.append(reply)  # FedAvg logs and drops failures
+                continue
+            node = reply.metadata.src_node_id
+            metrics = reply.content[METRICS_KEY]
+            self.epsilon_by_node[node] = float(metrics[EPSILON])
+            self.delta_by_node[node] = float(metrics[DELTA])
+            if REFUSAL_KEY in reply.content:
+                refused.append(reply)
+                self.refused_nodes.add(node)
+                log.warning(
+                    "round %d: client node %d refused to train: %s",
+                    server_round,
+                    node,
+                    reply.content[REFUSAL_KEY]["reason"],
+                )
+            else:
+                trained.append(reply)
+                self.refused_nodes.discard(node)
+        if self.connected_nodes and self.connected_nodes <= self.refused_nodes:
+            raise BudgetExhausted(
+                f"all {len(self.connected_nodes)} clients refused to train in round "
+                f"{server_round}: their privacy budgets are spent"
+            )
+        arrays, metrics = super().aggregate_train(server_round, trained)
+        self.last_round = TrainRound(
+            clients_trained=sum(1 for reply in trained if not reply.has_error()),
+            clients_refused=len(refused),
+            train_loss=float(metrics[TRAIN_LOSS]) if metrics is not None else math.nan,
+        )
+        return arrays, metrics

@@ -1,0 +1,1 @@
+"""Presets (TOML) and the `dpfl` command line: simulations, and later sweeps and plots."""

@@ -1,0 +1,37 @@
+"""Named run configs shipped as TOML files in `simulations/presets/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.config import RunConfig, load_toml, parse_overrides
+from common.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    """A preset by name, or any TOML file by path."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"preset file {name} does not exist")
+        return path
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of: {', '.join(available_presets())} "
+            "(or give a path to a .toml file)"
+        )
+    return path
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
+    """A preset with `key=value` overrides applied, validated."""
+    values = load_toml(preset_path(name))
+    values.update(parse_overrides(overrides or []))
+    return RunConfig.from_mapping(values)

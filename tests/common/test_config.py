@@ -1,0 +1,86 @@
+import tomllib
+
+import pytest
+
+from common.config import NodeConfig, RunConfig, parse_overrides
+from common.errors import ConfigError
+from simulations.presets import load_preset
+from tests.conftest import REPO
+
+
+def test_defaults_are_valid():
+    config = RunConfig.from_mapping({})
+    assert config.privacy.accountant == "prv"
+    assert config.total_train_examples() == 60_000
+
+
+def test_flat_round_trip():
+    config = RunConfig.from_mapping({"target-epsilon": 3.5, "num-clients": 4, "partitioner": "dirichlet"})
+    assert RunConfig.from_mapping(config.to_flat()) == config
+
+
+def test_pyproject_defaults_equal_the_mnist_eps2_preset():
+    """`flwr run .` and `dpfl simulate --preset mnist-eps2` must train the same thing."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert RunConfig.from_mapping(pyproject["tool"]["flwr"]["app"]["config"]) == load_preset("mnist-eps2")
+
+
+def test_string_overrides_are_typed():
+    config = load_preset("smoke", ["target-epsilon=1.5", "num-server-rounds=4", "accountant=rdp"])
+    assert config.privacy.target_epsilon == 1.5
+    assert config.federation.num_server_rounds == 4
+    assert config.privacy.accountant == "rdp"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"target-epsilon": -1.0}, "target-epsilon = -1.0 is invalid: must be a number > 0"),
+        ({"target-epsilon": "abc"}, "target-epsilon = 'abc' is invalid: must be a number > 0"),
+        ({"target-epsilon": "nan"}, "target-epsilon = 'nan' is invalid"),
+        ({"target-delta": 1.0}, "target-delta = 1.0 is invalid: must be a number in (0, 1)"),
+        ({"target-delta": 2}, "target-delta = 2 is invalid: must be a number in (0, 1)"),
+        ({"num-clients": 0}, "num-clients = 0 is invalid: must be an integer >= 1"),
+        ({"num-clients": "ten"}, "num-clients = 'ten' is invalid: must be an integer >= 1"),
+        ({"num-clients": 2.5}, "num-clients = 2.5 is invalid: must be an integer >= 1"),
+        ({"num-clients": True}, "num-clients = True is invalid"),
+        ({"num-clients": 101, "train-subset": 100}, "num-clients = 101 is invalid: more clients than training samples (100)"),
+        ({"num-clients": 60_001}, "more clients than training samples (60000)"),
+        ({"partitioner": "shards"}, "partitioner = 'shards' is invalid: must be one of: iid, dirichlet"),
+        ({"accountant": "moments"}, "accountant = 'moments' is invalid: must be one of: prv, rdp, gdp"),
+        ({"fraction-train": 0}, "fraction-train = 0 is invalid: must be a number in (0, 1]"),
+        ({"train-subset": 70_000}, "train-subset = 70000 is invalid: must be an integer in [0, 60000]"),
+        ({"batch-size": "64x"}, "batch-size = '64x' is invalid"),
+        ({"model": 3}, "model = 3 is invalid: must be one of: cnn"),
+        ({"target-epsilom": 2.0}, "unknown config key 'target-epsilom'; known keys:"),
+    ],
+)
+def test_bad_values_name_key_value_and_range(values, expected):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(values)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_node_config_checks_its_partition():
+    assert NodeConfig.from_mapping({"partition-id": 3, "num-partitions": 10}).partition_id == 3
+    with pytest.raises(ConfigError, match="partition-id = 10 is invalid: must be below num-partitions = 10"):
+        NodeConfig.from_mapping({"partition-id": 10, "num-partitions": 10})
+    with pytest.raises(ConfigError, match="unknown config key 'budget'"):
+        NodeConfig.from_mapping({"budget": 1.0})
+
+
+def test_malformed_override_and_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="write it as key=value"):
+        parse_overrides(["num-clients"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: .*mnist-eps2.*smoke"):
+        load_preset("nope")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("num-clients = [\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_preset(str(broken))
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[privacy]\ntarget-epsilon = 1.0\n")
+    with pytest.raises(ConfigError, match=r"table \[privacy\] is not allowed"):
+        load_preset(str(nested))

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real MNIST directory and small, fast run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+from common.data import DATA_DIR_ENV, RAW_FILES
+
+REPO = Path(__file__).resolve().parents[1]
+# The workspace keeps MNIST beside the repository; CI sets DPFL_DATA_DIR to the same place.
+os.environ.setdefault(DATA_DIR_ENV, str(REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ[DATA_DIR_ENV]).resolve()
+    missing = [name for name in RAW_FILES if not (path / "MNIST" / "raw" / name).is_file()]
+    if missing:
+        pytest.fail(f"tests need real MNIST: put {', '.join(missing)} into {path}/MNIST/raw/")
+    return path
+
+
+@pytest.fixture
+def tiny_config(data_dir: Path, tmp_path: Path) -> RunConfig:
+    """Two clients on 600 images, three rounds: enough DP-SGD steps to account, in seconds."""
+    return RunConfig.from_mapping(
+        {
+            "name": "tiny",
+            "output-dir": str(tmp_path / "outputs"),
+            "data-dir": str(data_dir),
+            "num-clients": 2,
+            "num-server-rounds": 3,
+            "train-subset": 600,
+            "batch-size": 50,
+            "local-epochs": 1,
+            "learning-rate": 1.0,
+            "target-epsilon": 4.0,
+            "target-delta": 1e-5,
+        }
+    )
