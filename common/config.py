@@ -57,7 +57,7 @@ class FederationConfig:
     """How many clients take part and for how long."""
 
     num_clients: int = _option(10, "number of simulated clients (SuperNodes)", low=1)
-    num_server_rounds: int = _option(5, "federated rounds", low=1)
+    num_server_rounds: int = _option(10, "federated rounds", low=1)
     fraction_train: float = _option(
         1.0, "fraction of clients sampled each round", low=0.0, high=1.0, low_open=True
     )
@@ -87,10 +87,10 @@ class TrainingConfig:
 
     model: str = _option("cnn", "model architecture", choices=("cnn",))
     batch_size: int = _option(
-        256, "expected batch size (Poisson sampling draws each example with rate B/n)", low=1
+        600, "expected batch size (Poisson sampling draws each example with rate B/n)", low=1
     )
-    local_epochs: int = _option(1, "local epochs per round", low=1)
-    learning_rate: float = _option(1.0, "SGD learning rate", low=0.0, low_open=True)
+    local_epochs: int = _option(3, "local epochs per round", low=1)
+    learning_rate: float = _option(2.0, "SGD learning rate", low=0.0, low_open=True)
     momentum: float = _option(0.0, "SGD momentum", low=0.0, high=1.0, high_open=True)
 
 

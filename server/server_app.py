@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.logs import enable_logging
 from server.federation import run_federation
 
 app = ServerApp()
@@ -14,4 +15,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config from `pyproject.toml` / `--run-config`, then run."""
+    enable_logging()
     run_federation(grid, RunConfig.from_mapping(context.run_config))

@@ -18,10 +18,10 @@ from typing import Any
 from common.config import RunConfig
 from common.data import ensure_mnist, resolve_data_dir
 from common.errors import DpflError
+from common.logs import enable_logging
 from simulations.presets import available_presets, load_preset
 
 log = logging.getLogger(__name__)
-LOGGED_PACKAGES = ("common", "client", "server", "simulations")
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
@@ -111,10 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    for package in LOGGED_PACKAGES:
-        logging.getLogger(package).setLevel(logging.INFO)
-    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
+    enable_logging()
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; Ray's root handler would repeat them
     try:
         return args.handler(args)
     except DpflError as err:

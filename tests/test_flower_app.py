@@ -56,7 +56,7 @@ def test_flwr_run_trains_on_ten_supernodes(tmp_path, data_dir):
     command = [
         str(FLWR), "run", str(REPO), "--stream",
         "--federation-config", "num-supernodes=10 client-resources-num-cpus=1",
-        "--run-config", f'num-server-rounds=2 train-subset=10000 output-dir="{out}"',
+        "--run-config", f'num-server-rounds=2 train-subset=10000 batch-size=100 local-epochs=1 output-dir="{out}"',
     ]
     try:
         result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,19 @@
+"""The default preset's promise, checked end to end through Flower (slow: several minutes)."""
+
+import pytest
+
+from simulations.cli import simulate
+from simulations.presets import load_preset
+
+# Issue #3's bar for the default run: at least 95% test accuracy with every client at epsilon <= 2.
+ACCURACY_FLOOR = 0.95
+
+
+@pytest.mark.slow
+def test_mnist_eps2_reaches_the_accuracy_floor_within_its_budget(tmp_path):
+    config = load_preset("mnist-eps2", [f"output-dir={tmp_path}"])
+    summary = simulate(config)
+    assert summary["rounds-completed"] == config.federation.num_server_rounds
+    assert summary["epsilon"] <= config.privacy.target_epsilon == 2.0
+    assert summary["delta"] == 1e-5
+    assert summary["test-accuracy"] >= ACCURACY_FLOOR
