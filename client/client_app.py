@@ -5,7 +5,6 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import LedgerStore, ledger_dir
 from client.training import train_round
 from common.config import NodeConfig, RunConfig
 from common.protocol import (
@@ -27,8 +26,9 @@ def train(msg: Message, context: Context) -> Message:
     proposal.pop(SERVER_ROUND, None)
     run = RunConfig.from_mapping(proposal)
     node = NodeConfig.from_mapping(context.node_config)
-    store = LedgerStore(context.state, ledger_dir(run, node))
-    outcome = train_round(msg.content[ARRAYS_KEY].to_torch_state_dict(), run, node, store)
+    outcome = train_round(
+        msg.content[ARRAYS_KEY].to_torch_state_dict(), run, node, context.state, context.run_id
+    )
 
     metrics = MetricRecord(
         train_metrics(outcome.num_examples, outcome.train_loss, outcome.epsilon, outcome.delta)

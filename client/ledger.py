@@ -1,36 +1,38 @@
 """The client's privacy ledger: what its data has paid so far, and what it still may pay.
 
-The ledger wraps an Opacus accountant; it does not re-implement one. The noise multiplier
-is planned once, from the client's (epsilon, delta) budget, its sampling rate and the total
-number of DP-SGD steps of the whole run. The accountant's history is restored before every
-round and saved after it, so the epsilon a client reports is cumulative over everything it
-has released, never a per-round figure. A round that would push the client past its budget
-is refused before any training happens.
+The ledger wraps an Opacus accountant; it does not re-implement one. Its history is the
+lifetime record of every DP-SGD step ever taken on this client's dataset, across rounds,
+restarts and runs. For each run the noise multiplier is planned once, from what is left of
+the budget, the sampling rate and the run's total number of steps. The accountant is
+restored before every round and saved after it, so the epsilon a client reports is
+cumulative over everything it has released, never a per-round figure. A round that would
+push the client past its budget is refused before any training happens.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import IAccountant, create_accountant
 
 from common.config import NodeConfig, RunConfig
 from common.errors import DpflError
-from common.storage import atomic_write
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.storage import atomic_write
 
-LEDGER_FORMAT = 1
+LEDGER_FORMAT = 2
 STATE_KEY = "dpfl.privacy-ledger"
-LEDGER_FILE = "privacy-ledger.json"
 
 
 @dataclass(frozen=True)
 class PrivacyBudget:
-    """A client's total (epsilon, delta) for its data."""
+    """A client's lifetime (epsilon, delta) for its data."""
 
     epsilon: float
     delta: float
@@ -38,9 +40,9 @@ class PrivacyBudget:
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """The DP-SGD parameters fixed at the client's first round."""
+    """The DP-SGD parameters fixed at a run's first round on this client."""
 
-    accountant: str
+    run_id: int
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
@@ -48,39 +50,18 @@ class NoisePlan:
 
 
 class PrivacyLedger:
-    """A budget, the noise plan that fits it, and the Opacus accountant that counts what is spent."""
+    """A budget, the Opacus accountant that counts what is spent, and this run's noise plan."""
 
-    def __init__(self, budget: PrivacyBudget, plan: NoisePlan, accountant: IAccountant) -> None:
+    def __init__(
+        self, budget: PrivacyBudget, accountant: IAccountant, plan: NoisePlan | None = None
+    ) -> None:
         self.budget = budget
-        self.plan = plan
         self.accountant = accountant
+        self.plan = plan
 
     @classmethod
-    def open(
-        cls,
-        budget: PrivacyBudget,
-        accountant: str,
-        num_examples: int,
-        batch_size: int,
-        local_epochs: int,
-        num_rounds: int,
-    ) -> PrivacyLedger:
-        """Plan the noise for a whole run of `num_rounds` rounds and start an empty ledger."""
-        rate = sample_rate(num_examples, batch_size)
-        steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
-        planned_steps = steps_per_round * num_rounds
-        try:
-            sigma = plan_noise_multiplier(
-                budget.epsilon, budget.delta, rate, planned_steps, accountant
-            )
-        except ValueError as err:  # Opacus: "The privacy budget is too low."
-            raise DpflError(
-                f"cannot plan DP-SGD noise for epsilon = {budget.epsilon:g}, delta = "
-                f"{budget.delta:g} over {planned_steps} steps at sampling rate {rate:.4g} ({err}); "
-                "raise target-epsilon or lower num-server-rounds / local-epochs"
-            ) from None
-        plan = NoisePlan(accountant, sigma, rate, steps_per_round, planned_steps)
-        return cls(budget, plan, create_accountant(accountant))
+    def empty(cls, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
+        return cls(budget, create_accountant(accountant))
 
     @property
     def spent_steps(self) -> int:
@@ -89,7 +70,37 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Cumulative epsilon of everything this client has released so far."""
-        return float(self.accountant.get_epsilon(delta=self.budget.delta)) if self.spent_steps else 0.0
+        if not self.spent_steps:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=self.budget.delta))
+
+    def plan_run(
+        self, run_id: int, num_examples: int, batch_size: int, local_epochs: int, num_rounds: int
+    ) -> NoisePlan | None:
+        """Plan this run's noise once, against what is left of the budget.
+
+        A ledger that already has a plan for `run_id` keeps it (a restarted client continues
+        its run). Returns None when the remaining budget cannot pay for the run at any noise.
+        """
+        if self.plan is not None and self.plan.run_id == run_id:
+            return self.plan
+        rate = sample_rate(num_examples, batch_size)
+        steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
+        planned_steps = steps_per_round * num_rounds
+        try:
+            sigma = plan_noise_multiplier(
+                self.budget.epsilon,
+                self.budget.delta,
+                rate,
+                planned_steps,
+                self.accountant.mechanism(),
+                spent=tuple(self.accountant.history),
+            )
+        except ValueError:  # not even the largest noise fits in what is left
+            self.plan = None
+            return None
+        self.plan = NoisePlan(run_id, sigma, rate, steps_per_round, planned_steps)
+        return self.plan
 
     def epsilon_after(self, steps: int) -> float:
         """Epsilon this client would have spent after `steps` more steps of the plan."""
@@ -100,6 +111,12 @@ class PrivacyLedger:
 
     def refusal(self, steps: int, rate: float) -> str | None:
         """Why a round of `steps` steps at sampling rate `rate` must be refused, or None."""
+        exhausted = (
+            f"privacy budget exhausted: epsilon spent {self.epsilon:.3f} of "
+            f"{self.budget.epsilon:g} (delta = {self.budget.delta:g})"
+        )
+        if self.plan is None:
+            return f"{exhausted}; nothing is left for this run"
         if rate != self.plan.sample_rate:
             return (
                 f"the round's sampling rate {rate:.4g} differs from the planned "
@@ -107,10 +124,7 @@ class PrivacyLedger:
             )
         after = self.epsilon_after(steps)
         if after > self.budget.epsilon:
-            return (
-                f"privacy budget exhausted: epsilon spent {self.epsilon:.3f}, this round would "
-                f"reach {after:.3f} > budget {self.budget.epsilon:g} (delta = {self.budget.delta:g})"
-            )
+            return f"{exhausted}; this round would reach {after:.3f}"
         return None
 
     def to_json(self) -> str:
@@ -119,35 +133,42 @@ class PrivacyLedger:
                 "format": LEDGER_FORMAT,
                 "target-epsilon": self.budget.epsilon,
                 "target-delta": self.budget.delta,
-                "accountant": self.plan.accountant,
-                "noise-multiplier": self.plan.noise_multiplier,
-                "sample-rate": self.plan.sample_rate,
-                "steps-per-round": self.plan.steps_per_round,
-                "planned-steps": self.plan.planned_steps,
+                "epsilon-spent": self.epsilon,
+                "accountant": self.accountant.mechanism(),
                 "history": [list(entry) for entry in self.accountant.history],
-            }
+                "plan": None if self.plan is None else asdict(self.plan),
+            },
+            indent=1,
         )
 
     @classmethod
-    def from_json(cls, text: str) -> PrivacyLedger:
-        data = json.loads(text)
-        if data.get("format") != LEDGER_FORMAT:
-            raise DpflError(f"privacy ledger has unknown format {data.get('format')!r}")
-        plan = NoisePlan(
-            data["accountant"],
-            data["noise-multiplier"],
-            data["sample-rate"],
-            data["steps-per-round"],
-            data["planned-steps"],
-        )
-        accountant = create_accountant(plan.accountant)
-        accountant.load_state_dict(
-            {
-                "history": [tuple(entry) for entry in data["history"]],
-                "mechanism": accountant.mechanism(),
-            }
-        )
-        return cls(PrivacyBudget(data["target-epsilon"], data["target-delta"]), plan, accountant)
+    def from_json(cls, text: str, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
+        """Restore a saved ledger under the budget and accountant in force now.
+
+        The history is the lifetime record and always carries over; the budget is the
+        client's current one (its node config decides, not the file).
+        """
+        try:
+            data = json.loads(text)
+            if data.get("format") != LEDGER_FORMAT:
+                raise ValueError(f"unknown ledger format {data.get('format')!r}")
+            history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
+            plan = NoisePlan(**data["plan"]) if data["plan"] else None
+        except (ValueError, KeyError, TypeError) as err:
+            raise DpflError(
+                f"privacy ledger is unreadable ({err}); restore it from a backup — deleting it "
+                "would forget the privacy this data has already spent"
+            ) from None
+        restored = create_accountant(accountant)
+        restored.load_state_dict({"history": history, "mechanism": restored.mechanism()})
+        return cls(budget, restored, plan)
+
+
+def dataset_key(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short fingerprint of a client's data: a budget belongs to a dataset, not to a run."""
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def ledger_dir(run: RunConfig, node: NodeConfig) -> str:
@@ -163,22 +184,27 @@ class LedgerStore:
     """Where a client's ledger lives between rounds: the node's Flower state, and a file.
 
     Flower keeps `context.state` for the life of a SuperNode; the file (written atomically,
-    when a ledger directory is configured) lets the ledger outlive the process.
+    when a ledger directory is configured) lets the ledger outlive the process and the run.
+    Both are keyed by the dataset, so a client that changes data starts a separate ledger.
     """
 
-    def __init__(self, state: RecordDict, ledger_dir: str = "") -> None:
+    def __init__(self, state: RecordDict, directory: str, dataset: str) -> None:
         self.state = state
-        self.path = Path(ledger_dir) / LEDGER_FILE if ledger_dir else None
+        self.key = f"{STATE_KEY}.{dataset}"
+        self.path = Path(directory) / f"privacy-ledger-{dataset}.json" if directory else None
 
-    def load(self) -> PrivacyLedger | None:
-        if STATE_KEY in self.state:
-            return PrivacyLedger.from_json(str(self.state[STATE_KEY]["json"]))
-        if self.path is not None and self.path.is_file():
-            return PrivacyLedger.from_json(self.path.read_text(encoding="utf-8"))
-        return None
+    def load(self, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
+        """The saved ledger, or an empty one for data that has never been trained on."""
+        if self.key in self.state:
+            text = str(self.state[self.key]["json"])
+        elif self.path is not None and self.path.is_file():
+            text = self.path.read_text(encoding="utf-8")
+        else:
+            return PrivacyLedger.empty(budget, accountant)
+        return PrivacyLedger.from_json(text, budget, accountant)
 
     def save(self, ledger: PrivacyLedger) -> None:
         text = ledger.to_json()
-        self.state[STATE_KEY] = ConfigRecord({"json": text})
+        self.state[self.key] = ConfigRecord({"json": text})
         if self.path is not None:
             atomic_write(self.path, text.encode())

@@ -12,12 +12,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from flwr.app import RecordDict
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger
+from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, resolve_data_dir
 from common.model import build_model
@@ -51,15 +52,24 @@ def budget_for(run: RunConfig, node: NodeConfig) -> PrivacyBudget:
 
 
 def train_round(
-    global_state: dict[str, torch.Tensor], run: RunConfig, node: NodeConfig, store: LedgerStore
+    global_state: dict[str, torch.Tensor],
+    run: RunConfig,
+    node: NodeConfig,
+    state: RecordDict,
+    run_id: int,
 ) -> RoundOutcome:
-    """Train on this client's shard for one round, unless the ledger forbids it."""
+    """Train on this client's shard for one round of run `run_id`, unless the ledger forbids it.
+
+    `state` is the node's Flower state (`context.state`); the ledger is kept there and, with
+    a ledger directory, on disk.
+    """
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+    store = LedgerStore(state, ledger_dir(run, node), dataset_key(*shard.tensors))
+    ledger = store.load(budget_for(run, node), run.privacy.accountant)
     batch_size = run.training.batch_size
-    ledger = store.load() or PrivacyLedger.open(
-        budget_for(run, node),
-        run.privacy.accountant,
+    ledger.plan_run(
+        run_id,
         num_examples=len(shard),
         batch_size=batch_size,
         local_epochs=run.training.local_epochs,
@@ -91,7 +101,7 @@ def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=training.learning_rate, momentum=training.momentum
     )
-    engine = PrivacyEngine(accountant=ledger.plan.accountant)
+    engine = PrivacyEngine(accountant=ledger.accountant.mechanism())
     engine.accountant = ledger.accountant
     private_model, optimizer, private_loader = engine.make_private(
         module=model,

@@ -8,7 +8,12 @@ from __future__ import annotations
 import functools
 import math
 
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
+EPSILON_TOLERANCE = 0.01  # as Opacus' get_noise_multiplier
+
+History = tuple[tuple[float, float, int], ...]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -23,17 +28,49 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
 
 @functools.lru_cache(maxsize=64)
 def plan_noise_multiplier(
-    target_epsilon: float, target_delta: float, rate: float, steps: int, accountant: str
+    target_epsilon: float,
+    target_delta: float,
+    rate: float,
+    steps: int,
+    accountant: str,
+    spent: History = (),
 ) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` steps stays within the target.
+    """Smallest noise multiplier whose epsilon, after `spent` and `steps` more steps, fits the target.
 
-    Cached: clients with equal shard sizes in one process share the (slow, for PRV) search.
+    With nothing spent this is Opacus' `get_noise_multiplier`. Opacus' planner has no notion
+    of earlier spending, so for a ledger with history the same bisection runs on an accountant
+    that holds that history first. Raises ValueError when no noise is large enough, or when
+    less than the planning tolerance of the budget is left. Cached:
+    clients with equal shard sizes in one process share the (slow, for PRV) search.
     """
-    return get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        sample_rate=rate,
-        steps=steps,
-        accountant=accountant,
-    )
+    if not spent:
+        return get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    counter = create_accountant(accountant)
+    counter.history = list(spent)
+    if counter.get_epsilon(delta=target_delta) > target_epsilon - EPSILON_TOLERANCE:
+        raise ValueError("the privacy budget is spent, to within the planning tolerance")
 
+    def epsilon(sigma: float) -> float:
+        counter.history = [*spent, (sigma, rate, steps)]
+        return counter.get_epsilon(delta=target_delta)
+
+    low, high, epsilon_high = 0.0, 10.0, epsilon(10.0)
+    while epsilon_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise ValueError("the remaining privacy budget is too low for any noise multiplier")
+        epsilon_high = epsilon(high)
+    while target_epsilon - epsilon_high > EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        epsilon_middle = epsilon(middle)
+        if epsilon_middle < target_epsilon:
+            high, epsilon_high = middle, epsilon_middle
+        else:
+            low = middle
+    return high

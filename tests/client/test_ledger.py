@@ -1,25 +1,30 @@
-"""The privacy ledger: cumulative epsilon, equal to an independent Opacus accountant's."""
+"""The privacy ledger: cumulative, lifetime epsilon, equal to an independent Opacus accountant's."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import RecordDict
 from opacus.accountants import create_accountant
 
-from client.ledger import LEDGER_FILE, LedgerStore, PrivacyBudget, PrivacyLedger
+from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key
 from client.training import budget_for, train_round
 from common.config import NodeConfig
 from common.data import client_shard
 from common.model import build_model
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
 
+SHARD = 300  # tiny_config: 600 images over 2 clients
+BATCH = 50
 
-def independent_epsilon(accountant, sigma, rate, steps, delta):
+
+def independent_epsilon(accountant, history, delta):
     fresh = create_accountant(accountant)
-    for _ in range(steps):
-        fresh.step(noise_multiplier=sigma, sample_rate=rate)
+    for sigma, rate, steps in history:
+        for _ in range(steps):
+            fresh.step(noise_multiplier=sigma, sample_rate=rate)
     return fresh.get_epsilon(delta=delta)
 
 
@@ -27,24 +32,32 @@ def with_privacy(config, **changes):
     return dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, **changes))
 
 
+def run_rounds(config, node, state, run_id, rounds, model_state=None):
+    model_state = model_state or build_model("cnn", seed=0).state_dict()
+    outcomes = []
+    for _ in range(rounds):
+        outcome = train_round(model_state, config, node, state, run_id)
+        model_state = outcome.state_dict or model_state
+        outcomes.append(outcome)
+    return outcomes
+
+
+def saved_ledger(state):
+    (key,) = [k for k in state if k.startswith("dpfl.privacy-ledger")]
+    return json.loads(str(state[key]["json"]))
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
 def test_epsilon_is_cumulative_and_matches_an_independent_accountant(tiny_config, accountant):
     config = with_privacy(tiny_config, accountant=accountant)
-    node = NodeConfig(partition_id=0, num_partitions=2)
-    store = LedgerStore(RecordDict())
-    state = build_model("cnn", seed=0).state_dict()
-    shard_size = 300
-    steps = steps_per_epoch(shard_size, config.training.batch_size)
-    epsilons = []
-    for k in range(1, config.federation.num_server_rounds + 1):
-        outcome = train_round(state, config, node, store)
-        state = outcome.state_dict
-        ledger = store.load()
-        expected = independent_epsilon(
-            accountant, ledger.plan.noise_multiplier, sample_rate(shard_size, 50), k * steps, 1e-5
-        )
+    state = RecordDict()
+    outcomes = run_rounds(config, NodeConfig(partition_id=0, num_partitions=2), state, 1, 3)
+    sigma = saved_ledger(state)["plan"]["noise_multiplier"]
+    steps = steps_per_epoch(SHARD, BATCH)
+    for k, outcome in enumerate(outcomes, start=1):
+        expected = independent_epsilon(accountant, [(sigma, sample_rate(SHARD, BATCH), k * steps)], 1e-5)
         assert outcome.epsilon == pytest.approx(expected, rel=1e-9)
-        epsilons.append(outcome.epsilon)
+    epsilons = [o.epsilon for o in outcomes]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:]))  # strictly increasing
     assert epsilons[-1] <= config.privacy.target_epsilon  # the plan spends the budget, no more
     assert epsilons[-1] > 0.9 * config.privacy.target_epsilon  # ... and does not waste it
@@ -52,57 +65,80 @@ def test_epsilon_is_cumulative_and_matches_an_independent_accountant(tiny_config
 
 def test_over_budget_round_is_refused_and_trains_nothing(tiny_config):
     node = NodeConfig(partition_id=1, num_partitions=2)
-    store = LedgerStore(RecordDict())
-    state = build_model("cnn", seed=0).state_dict()
-    for _ in range(tiny_config.federation.num_server_rounds):
-        state = train_round(state, tiny_config, node, store).state_dict
-    spent = store.load()
+    state = RecordDict()
+    run_rounds(tiny_config, node, state, 1, tiny_config.federation.num_server_rounds)
+    spent = saved_ledger(state)
 
-    before = {k: v.clone() for k, v in state.items()}
-    refused = train_round(state, tiny_config, node, store)
+    global_state = build_model("cnn", seed=1).state_dict()
+    before = {k: v.clone() for k, v in global_state.items()}
+    refused = train_round(global_state, tiny_config, node, state, 1)
     assert refused.refusal is not None and "privacy budget exhausted" in refused.refusal
     assert refused.state_dict is None and refused.num_examples == 0  # nothing released
-    assert all(torch.equal(before[k], state[k]) for k in state)  # global weights untouched
-    assert refused.epsilon == pytest.approx(spent.epsilon)  # nothing spent
-    assert store.load().accountant.history == spent.accountant.history
+    assert all(torch.equal(before[k], global_state[k]) for k in global_state)  # weights untouched
+    assert refused.epsilon == pytest.approx(spent["epsilon-spent"])  # nothing spent
+    assert saved_ledger(state)["history"] == spent["history"]
 
 
 def test_node_budget_wins_over_the_run_proposal(tiny_config):
     node = NodeConfig(partition_id=0, num_partitions=2, target_epsilon=1.0, target_delta=1e-6)
     assert budget_for(tiny_config, node) == PrivacyBudget(1.0, 1e-6)
-    store = LedgerStore(RecordDict())
-    outcome = train_round(build_model("cnn").state_dict(), tiny_config, node, store)
+    state = RecordDict()
+    (outcome,) = run_rounds(tiny_config, node, state, 1, 1)
     assert outcome.delta == 1e-6
-    ledger = store.load()
-    assert ledger.budget == PrivacyBudget(1.0, 1e-6)
-    steps = 3 * steps_per_epoch(300, 50)
-    assert ledger.plan.noise_multiplier == plan_noise_multiplier(1.0, 1e-6, sample_rate(300, 50), steps, "prv")
+    saved = saved_ledger(state)
+    assert (saved["target-epsilon"], saved["target-delta"]) == (1.0, 1e-6)
+    steps = 3 * steps_per_epoch(SHARD, BATCH)
+    assert saved["plan"]["noise_multiplier"] == plan_noise_multiplier(1.0, 1e-6, sample_rate(SHARD, BATCH), steps, "prv")
     assert 0 < outcome.epsilon < 1.0
 
 
-def test_noise_is_planned_once_for_the_whole_run(tiny_config, data_dir):
-    shard = client_shard(tiny_config.data, tiny_config.seed, 0, 2, data_dir)
-    budget = PrivacyBudget(4.0, 1e-5)
-    ledger = PrivacyLedger.open(budget, "prv", len(shard), 50, local_epochs=1, num_rounds=3)
-    total = ledger.plan.planned_steps
-    assert total == 3 * steps_per_epoch(len(shard), 50)
+def test_noise_is_planned_once_per_run():
+    ledger = PrivacyLedger.empty(PrivacyBudget(4.0, 1e-5), "prv")
+    plan = ledger.plan_run(7, SHARD, BATCH, local_epochs=1, num_rounds=3)
+    assert plan.planned_steps == 3 * steps_per_epoch(SHARD, BATCH)
+    assert ledger.plan_run(7, SHARD, BATCH, local_epochs=2, num_rounds=9) is plan  # same run: kept
     assert ledger.epsilon == 0.0
-    assert ledger.epsilon_after(total) <= 4.0
-    assert ledger.refusal(total, ledger.plan.sample_rate) is None
-    assert "exhausted" in ledger.refusal(total + 1, ledger.plan.sample_rate)
-    assert "sampling rate" in ledger.refusal(1, ledger.plan.sample_rate / 2)
+    assert ledger.epsilon_after(plan.planned_steps) <= 4.0
+    assert ledger.refusal(plan.planned_steps, plan.sample_rate) is None
+    assert "exhausted" in ledger.refusal(plan.planned_steps + 1, plan.sample_rate)
+    assert "sampling rate" in ledger.refusal(1, plan.sample_rate / 2)
 
 
-def test_ledger_persists_to_state_and_disk(tiny_config, tmp_path):
+def test_a_second_run_continues_from_the_spent_epsilon_until_the_lifetime_budget_is_gone(tiny_config, tmp_path):
+    config = with_privacy(tiny_config, ledger_dir=str(tmp_path / "ledgers"))
     node = NodeConfig(partition_id=0, num_partitions=2)
-    state = RecordDict()
-    store = LedgerStore(state, str(tmp_path / "ledger"))
-    outcome = train_round(build_model("cnn").state_dict(), tiny_config, node, store)
+    first = run_rounds(config, node, RecordDict(), run_id=1, rounds=1)  # spends part of the budget
+    # A new run (fresh Flower state, same ledger directory) re-plans against what is left ...
+    second = run_rounds(config, node, RecordDict(), run_id=2, rounds=3)
+    assert first[0].epsilon < second[0].epsilon < second[-1].epsilon <= config.privacy.target_epsilon
+    saved = json.loads(next((tmp_path / "ledgers" / "client-0").glob("privacy-ledger-*.json")).read_text())
+    assert saved["plan"]["run_id"] == 2 and len(saved["history"]) == 2  # two noise levels, one lifetime
+    assert second[-1].epsilon == pytest.approx(
+        independent_epsilon("prv", [tuple(entry) for entry in saved["history"]], 1e-5), rel=1e-9
+    )
+    # ... and once the lifetime budget is spent, a third run is refused outright.
+    (third,) = run_rounds(config, node, RecordDict(), run_id=3, rounds=1)
+    assert "nothing is left for this run" in third.refusal
+    assert third.epsilon == pytest.approx(second[-1].epsilon)
 
-    on_disk = json.loads((tmp_path / "ledger" / LEDGER_FILE).read_text())
-    assert on_disk["history"][0][2] == steps_per_epoch(300, 50)
-    # A restarted client with an empty Flower state reads the file and continues from it.
-    restarted = LedgerStore(RecordDict(), str(tmp_path / "ledger")).load()
-    assert restarted.epsilon == pytest.approx(outcome.epsilon)
-    assert LedgerStore(state).load().to_json() == restarted.to_json()
-    assert not list((tmp_path / "ledger").glob(".*.tmp"))  # atomic write left no temp files
+
+def test_ledger_survives_a_restart_and_is_keyed_by_dataset(tiny_config, tmp_path):
+    node = NodeConfig(partition_id=0, num_partitions=2, ledger_dir=str(tmp_path))
+    (before_kill,) = run_rounds(tiny_config, node, RecordDict(), run_id=5, rounds=1)
+    # The restarted SuperNode has an empty Flower state but finds its file and keeps its plan.
+    (after_restart,) = run_rounds(tiny_config, node, RecordDict(), run_id=5, rounds=1)
+    assert after_restart.epsilon > before_kill.epsilon
+    shard = client_shard(tiny_config.data, tiny_config.seed, 0, 2, Path(tiny_config.data.data_dir))
+    files = list(tmp_path.glob("privacy-ledger-*.json"))
+    assert [f.name for f in files] == [f"privacy-ledger-{dataset_key(*shard.tensors)}.json"]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+    other = NodeConfig(partition_id=1, num_partitions=2, ledger_dir=str(tmp_path))
+    run_rounds(tiny_config, other, RecordDict(), run_id=5, rounds=1)
+    assert len(list(tmp_path.glob("privacy-ledger-*.json"))) == 2  # other data, other ledger
+
+
+def test_unreadable_ledger_is_a_clear_error(tmp_path):
+    store = LedgerStore(RecordDict(), str(tmp_path), "abc")
+    (tmp_path / "privacy-ledger-abc.json").write_text("{not json")
+    with pytest.raises(Exception, match="privacy ledger is unreadable .*restore it from a backup"):
+        store.load(PrivacyBudget(1.0, 1e-5), "prv")
