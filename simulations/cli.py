@@ -19,6 +19,7 @@ from common.config import RunConfig
 from common.data import ensure_mnist, resolve_data_dir
 from common.errors import DpflError
 from common.logs import enable_logging
+from simulations import model_cli
 from simulations.presets import available_presets, load_preset
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config key, e.g. --set target-epsilon=4 (repeatable)",
     )
     sim.set_defaults(handler=_cmd_simulate)
+    model_cli.add_commands(commands)
     return parser
 
 
