@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,16 +70,22 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        """Cumulative epsilon of everything this client has released so far."""
-        if not self.spent_steps:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=self.budget.delta))
+        """Cumulative epsilon of everything this client has released so far (inf once non-private)."""
+        return _epsilon(self.accountant, self.budget.delta)
 
     def plan_run(
-        self, run_id: int, num_examples: int, batch_size: int, local_epochs: int, num_rounds: int
+        self,
+        run_id: int,
+        num_examples: int,
+        batch_size: int,
+        local_epochs: int,
+        num_rounds: int,
+        noise_multiplier: float = 0.0,
     ) -> NoisePlan | None:
         """Plan this run's noise once, against what is left of the budget.
 
+        A fixed `noise_multiplier` (> 0) is taken as given; the budget then only caps how
+        many rounds it may pay for. An infinite budget means non-private training: no noise.
         A ledger that already has a plan for `run_id` keeps it (a restarted client continues
         its run). Returns None when the remaining budget cannot pay for the run at any noise.
         """
@@ -87,18 +94,23 @@ class PrivacyLedger:
         rate = sample_rate(num_examples, batch_size)
         steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
         planned_steps = steps_per_round * num_rounds
-        try:
-            sigma = plan_noise_multiplier(
-                self.budget.epsilon,
-                self.budget.delta,
-                rate,
-                planned_steps,
-                self.accountant.mechanism(),
-                spent=tuple(self.accountant.history),
-            )
-        except ValueError:  # not even the largest noise fits in what is left
-            self.plan = None
-            return None
+        if noise_multiplier > 0:
+            sigma = noise_multiplier
+        elif math.isinf(self.budget.epsilon):
+            sigma = 0.0
+        else:
+            try:
+                sigma = plan_noise_multiplier(
+                    self.budget.epsilon,
+                    self.budget.delta,
+                    rate,
+                    planned_steps,
+                    self.accountant.mechanism(),
+                    spent=tuple(self.accountant.history),
+                )
+            except ValueError:  # not even the largest noise fits in what is left
+                self.plan = None
+                return None
         self.plan = NoisePlan(run_id, sigma, rate, steps_per_round, planned_steps)
         return self.plan
 
@@ -107,7 +119,7 @@ class PrivacyLedger:
         preview = copy.deepcopy(self.accountant)
         for _ in range(steps):
             preview.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
-        return float(preview.get_epsilon(delta=self.budget.delta))
+        return _epsilon(preview, self.budget.delta)
 
     def refusal(self, steps: int, rate: float) -> str | None:
         """Why a round of `steps` steps at sampling rate `rate` must be refused, or None."""
@@ -162,6 +174,15 @@ class PrivacyLedger:
         restored = create_accountant(accountant)
         restored.load_state_dict({"history": history, "mechanism": restored.mechanism()})
         return cls(budget, restored, plan)
+
+
+def _epsilon(accountant: IAccountant, delta: float) -> float:
+    """An accountant's epsilon; infinite once any step ran without noise (non-private)."""
+    if not accountant.history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in accountant.history):
+        return math.inf
+    return float(accountant.get_epsilon(delta=delta))
 
 
 def dataset_key(images: torch.Tensor, labels: torch.Tensor) -> str:

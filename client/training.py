@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
-from common.config import NodeConfig, RunConfig
+from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, resolve_data_dir
 from common.model import build_model
 from common.privacy import sample_rate, steps_per_epoch
@@ -65,8 +65,10 @@ def train_round(
     """
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+    budget = budget_for(run, node)
+    check_delta(budget.delta, len(shard))
     store = LedgerStore(state, ledger_dir(run, node), dataset_key(*shard.tensors))
-    ledger = store.load(budget_for(run, node), run.privacy.accountant)
+    ledger = store.load(budget, run.privacy.accountant)
     batch_size = run.training.batch_size
     ledger.plan_run(
         run_id,
@@ -74,6 +76,7 @@ def train_round(
         batch_size=batch_size,
         local_epochs=run.training.local_epochs,
         num_rounds=run.federation.num_server_rounds,
+        noise_multiplier=run.privacy.noise_multiplier,
     )
     steps = run.training.local_epochs * steps_per_epoch(len(shard), batch_size)
     refusal = ledger.refusal(steps, sample_rate(len(shard), batch_size))

@@ -37,6 +37,7 @@ def _option(
     low_open: bool = False,
     high_open: bool = False,
     choices: tuple[str, ...] | None = None,
+    allow_inf: bool = False,
 ) -> Any:
     """A schema field: its default, a one-line meaning, and the allowed range or choices."""
     return field(
@@ -48,6 +49,7 @@ def _option(
             "low_open": low_open,
             "high_open": high_open,
             "choices": choices,
+            "allow_inf": allow_inf,
         },
     )
 
@@ -99,7 +101,17 @@ class PrivacyConfig:
     """The per-client (epsilon, delta) budget and how it is spent and counted."""
 
     target_epsilon: float = _option(
-        2.0, "each client's total epsilon for the whole run", low=0.0, low_open=True
+        2.0,
+        "each client's lifetime epsilon; inf trains without privacy (same code path, labelled)",
+        low=0.0,
+        low_open=True,
+        allow_inf=True,
+    )
+    noise_multiplier: float = _option(
+        0.0,
+        "fixed DP-SGD noise multiplier instead of planning one from target-epsilon (0 = plan); "
+        "target-epsilon then only caps what may be spent",
+        low=0.0,
     )
     target_delta: float = _option(
         1e-5, "each client's delta", low=0.0, high=1.0, low_open=True, high_open=True
@@ -156,7 +168,7 @@ class NodeConfig:
     partition_id: int = _option(0, "which shard of the training set this client holds", low=0)
     num_partitions: int = _option(1, "how many shards the training set is cut into", low=1)
     target_epsilon: float | None = _option(
-        None, "this client's own epsilon budget", low=0.0, low_open=True
+        None, "this client's own epsilon budget", low=0.0, low_open=True, allow_inf=True
     )
     target_delta: float | None = _option(
         None, "this client's own delta", low=0.0, high=1.0, low_open=True, high_open=True
@@ -244,6 +256,8 @@ def _describe(leaf: dataclasses.Field, typ: type) -> str:
     if meta["choices"]:
         return "one of: " + ", ".join(meta["choices"])
     kind = "an integer" if typ is int else "a number" if typ is float else "a string"
+    if meta["allow_inf"]:
+        kind += " (or inf)"
     low, high = meta["low"], meta["high"]
     if low is not None and high is not None:
         left = "(" if meta["low_open"] else "["
@@ -284,7 +298,8 @@ def _coerce(key: str, raw: Any, leaf: dataclasses.Field) -> Value | None:
     if meta["choices"] and value not in meta["choices"]:
         raise bad()
     if isinstance(value, float) and not math.isfinite(value):
-        raise bad()
+        if not (meta["allow_inf"] and value == math.inf):
+            raise bad()
     if isinstance(value, (int, float)):
         low, high = meta["low"], meta["high"]
         if low is not None and (value < low or (meta["low_open"] and value == low)):
@@ -297,10 +312,32 @@ def _coerce(key: str, raw: Any, leaf: dataclasses.Field) -> Value | None:
 def _check_run(config: RunConfig) -> None:
     """Checks that involve more than one key."""
     examples = config.total_train_examples()
-    if config.federation.num_clients > examples:
+    clients = config.federation.num_clients
+    if clients > examples:
         raise ConfigError(
-            f"num-clients = {config.federation.num_clients} is invalid: more clients than "
+            f"num-clients = {clients} is invalid: more clients than "
             f"training samples ({examples}); lower num-clients or raise train-subset"
+        )
+    privacy = config.privacy
+    if privacy.noise_multiplier > 0 and math.isinf(privacy.target_epsilon):
+        raise ConfigError(
+            f"noise-multiplier = {privacy.noise_multiplier:g} contradicts target-epsilon = inf "
+            "(non-private training); set one or the other"
+        )
+    check_delta(privacy.target_delta, examples // clients)
+
+
+def check_delta(delta: float, shard_size: int) -> None:
+    """Refuse a delta that lets a mechanism leak a whole example of a shard outright.
+
+    (epsilon, delta)-DP with delta >= 1/n is met by publishing one random example of n in the
+    clear; meaningful guarantees need delta well below 1/n.
+    """
+    if math.isfinite(delta) and shard_size > 0 and delta >= 1 / shard_size:
+        raise ConfigError(
+            f"target-delta = {delta:g} is invalid: it must be below 1/(shard size) = "
+            f"1/{shard_size} = {1 / shard_size:.3g}, or a run could publish a whole example in "
+            "the clear and still meet it; lower target-delta (1e-5 is usual)"
         )
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
-from torchvision.datasets import MNIST
 
 from common.config import DataConfig
 from common.errors import DataError
@@ -47,6 +46,8 @@ def ensure_mnist(data_dir: Path) -> None:
     missing = [name for name in RAW_FILES if not (raw / name).is_file()]
     if missing:
         log.info("MNIST files missing in %s; trying torchvision's download", raw)
+        from torchvision.datasets import MNIST  # imported late: it costs a second at start-up
+
         try:
             MNIST(str(data_dir), train=True, download=True)
         except Exception as err:  # any network or archive failure: we explain below
@@ -83,10 +84,20 @@ def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
 
     Cached per process: a simulated client process serves many rounds and many clients.
     """
+    from torchvision.datasets import MNIST
+
     ensure_mnist(data_dir)
     dataset = MNIST(str(data_dir), train=train, download=False)
     images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
     return TensorDataset(images, dataset.targets.clone())
+
+
+def load_labels(data_dir: Path, train: bool = True) -> torch.Tensor:
+    """Only the labels, straight from the checked idx file: all that partitioning needs."""
+    ensure_mnist(data_dir)
+    name = "train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte"
+    raw = (data_dir / "MNIST" / "raw" / name).read_bytes()
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64))
 
 
 def client_shard(

@@ -16,6 +16,11 @@ EPSILON_TOLERANCE = 0.01  # as Opacus' get_noise_multiplier
 History = tuple[tuple[float, float, int], ...]
 
 
+def describe_epsilon(epsilon: float) -> str:
+    """Epsilon for people: a non-private run must never look like a private one."""
+    return f"{epsilon:.3f}" if math.isfinite(epsilon) else "inf (NON-PRIVATE)"
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Optimizer steps in one epoch; Opacus' Poisson loader keeps the plain loader's length."""
     return math.ceil(num_examples / batch_size)

@@ -18,6 +18,8 @@ from common.config import RunConfig
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
+from common.privacy import describe_epsilon
+from server.plots import plot_label_distribution, plot_run
 from server.results import RoundRow, RunDirectory
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 
@@ -29,7 +31,9 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
     run_dir = RunDirectory.create(config)
     random.seed(config.seed)  # Flower samples clients with the `random` module
     model = build_model(config.training.model, seed=config.seed)
-    test_set = load_mnist(resolve_data_dir(config.data.data_dir), train=False)
+    data_dir = resolve_data_dir(config.data.data_dir)
+    test_set = load_mnist(data_dir, train=False)
+    plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation
     strategy = LedgerAwareFedAvg(
         fraction_train=federation.fraction_train,
@@ -58,12 +62,12 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
             run_dir.save_model(model.state_dict())
             rows.append(row)
             log.info(
-                "round %d/%d  accuracy %.2f%%  loss %.4f  epsilon %.3f  delta %.0e  %.1f s",
+                "round %d/%d  accuracy %.2f%%  loss %.4f  epsilon %s  delta %.0e  %.1f s",
                 server_round,
                 federation.num_server_rounds,
                 100 * accuracy,
                 loss,
-                row.epsilon,
+                describe_epsilon(row.epsilon),
                 row.delta,
                 row.seconds,
             )
@@ -89,9 +93,12 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
         "stopped-early": stop_reason,
         "test-accuracy": rows[-1].test_accuracy if rows else None,
         "test-loss": rows[-1].test_loss if rows else None,
-        "epsilon": strategy.epsilon,
+        "private": math.isfinite(strategy.epsilon),
+        "epsilon": strategy.epsilon if math.isfinite(strategy.epsilon) else None,
         "delta": strategy.delta,
         "wall-seconds": run_dir.elapsed(),
     }
     run_dir.write_summary(summary)
+    plot_run(run_dir.path)
     return summary
+

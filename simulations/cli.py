@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from common.config import RunConfig
-from common.data import ensure_mnist, resolve_data_dir
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations import model_cli
+from simulations import model_cli, plan, sweep, tls
 from simulations.presets import available_presets, load_preset
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
     """Pin data and output directories before Ray workers, with their own cwd, see them."""
+    from common.data import resolve_data_dir
+
     ledger_dir = config.privacy.ledger_dir
     return dataclasses.replace(
         config,
@@ -46,6 +48,7 @@ def simulate(config: RunConfig) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
+    from common.data import ensure_mnist, resolve_data_dir
     from server.federation import run_federation
 
     config = _absolute_paths(config)
@@ -72,15 +75,17 @@ def simulate(config: RunConfig) -> dict[str, Any]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from common.privacy import describe_epsilon
+
     config = load_preset(args.preset, args.set)
     summary = simulate(config)
     accuracy = summary["test-accuracy"]
     log.info(
-        "done: %d/%d rounds, test accuracy %s, epsilon %.3f (delta %.0e), %.1f s -> %s",
+        "done: %d/%d rounds, test accuracy %s, epsilon %s (delta %.0e), %.1f s -> %s",
         summary["rounds-completed"],
         summary["rounds-planned"],
         f"{100 * accuracy:.2f}%" if accuracy is not None else "n/a",
-        summary["epsilon"],
+        describe_epsilon(math.inf if summary["epsilon"] is None else summary["epsilon"]),
         summary["delta"],
         summary["wall-seconds"],
         summary["run-dir"],
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_cmd_simulate)
     model_cli.add_commands(commands)
+    tls.add_commands(commands)
+    plan.add_commands(commands)
+    sweep.add_commands(commands)
     return parser
 
 

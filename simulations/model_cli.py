@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.export import LATENCY_RUNS, TORCHSCRIPT_FILE, export_model, load_predictor, predict
-from server.results import MODEL_FILE
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -22,7 +20,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "model",
         type=Path,
         metavar="RUN_DIR_OR_MODEL_PT",
-        help=f"a run directory or its {MODEL_FILE}",
+        help="a run directory or its model.pt",
     )
     export.add_argument(
         "--out", type=Path, metavar="DIR", help="where to write the exports (default: beside it)"
@@ -36,13 +34,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "model",
         type=Path,
         metavar="MODEL",
-        help=f"a run directory, its {MODEL_FILE} or a {TORCHSCRIPT_FILE} from `dpfl export`",
+        help="a run directory, its model.pt or a model.torchscript.pt from `dpfl export`",
     )
     predict_cmd.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="digit images")
     predict_cmd.set_defaults(handler=_cmd_predict)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from server.export import LATENCY_RUNS, export_model  # torch and friends: only when used
+
     report = export_model(args.model, args.out)
     rows = [("parameters", f"{report.parameters:,}")]
     rows += [(name, f"{size:,} bytes") for name, size in report.file_bytes.items()]
@@ -57,6 +57,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from server.export import load_predictor, predict
+
     model = load_predictor(args.model)
     for path, prediction in zip(args.images, predict(model, args.images), strict=True):
         print(f"{path}: digit {prediction.digit} (p={prediction.probability:.3f})")

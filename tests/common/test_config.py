@@ -35,8 +35,8 @@ def test_string_overrides_are_typed():
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({"target-epsilon": -1.0}, "target-epsilon = -1.0 is invalid: must be a number > 0"),
-        ({"target-epsilon": "abc"}, "target-epsilon = 'abc' is invalid: must be a number > 0"),
+        ({"target-epsilon": -1.0}, "target-epsilon = -1.0 is invalid: must be a number (or inf) > 0"),
+        ({"target-epsilon": "abc"}, "target-epsilon = 'abc' is invalid: must be a number (or inf) > 0"),
         ({"target-epsilon": "nan"}, "target-epsilon = 'nan' is invalid"),
         ({"target-delta": 1.0}, "target-delta = 1.0 is invalid: must be a number in (0, 1)"),
         ({"target-delta": 2}, "target-delta = 2 is invalid: must be a number in (0, 1)"),

@@ -92,7 +92,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("target-epsilon=-1", "target-epsilon = '-1' is invalid: must be a number > 0"),
+        ("target-epsilon=-1", "target-epsilon = '-1' is invalid: must be a number (or inf) > 0"),
         ("target-delta=1", "target-delta = '1' is invalid: must be a number in (0, 1)"),
         ("num-clients=0", "num-clients = '0' is invalid: must be an integer >= 1"),
         (f"num-clients={TRAIN_SET_SIZE + 1}", "more clients than training samples"),

@@ -1,0 +1,80 @@
+"""Pictures in every run directory: accuracy and epsilon per round, labels per client."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from common.config import RunConfig  # noqa: E402
+from common.data import load_labels, shard_indices  # noqa: E402
+from server.results import ROUNDS_FILE  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ROUNDS_PLOT = "rounds.png"
+LABELS_PLOT = "label-distribution.png"
+MAX_CLIENTS_DRAWN = 100
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Test accuracy and cumulative epsilon per round, from `rounds.csv`."""
+    with (run_dir / ROUNDS_FILE).open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    rounds = [int(row["round"]) for row in rows]
+    accuracy = [100 * float(row["test-accuracy"]) for row in rows]
+    epsilon = [float(row["epsilon"]) for row in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(rounds, accuracy, marker="o")
+    top.set_ylabel("test accuracy (%)")
+    top.grid(alpha=0.3)
+    if all(math.isfinite(e) for e in epsilon):
+        bottom.plot(rounds, epsilon, marker="o", color="tab:red")
+        bottom.set_ylabel("epsilon spent (max over clients)")
+    else:
+        bottom.text(0.5, 0.5, "non-private run: epsilon = inf", ha="center", va="center",
+                    transform=bottom.transAxes)
+    bottom.set_xlabel("round")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    path = run_dir / ROUNDS_PLOT
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_label_distribution(run_dir: Path, config: RunConfig, data_dir: Path) -> Path:
+    """How many examples of each digit every client holds, as stacked bars."""
+    labels = load_labels(data_dir)
+    shards = shard_indices(labels, config.data, config.seed, config.federation.num_clients)
+    counts = np.stack([np.bincount(labels.numpy()[s], minlength=10) for s in shards])
+    shown = counts[:MAX_CLIENTS_DRAWN]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(shown)), 4))
+    bottom = np.zeros(len(shown))
+    colors = plt.get_cmap("tab10")
+    for digit in range(10):
+        ax.bar(range(len(shown)), shown[:, digit], bottom=bottom, color=colors(digit), label=str(digit))
+        bottom += shown[:, digit]
+    ax.set_xlabel("client (partition id)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("examples")
+    title = f"{config.data.partitioner} partition of {counts.sum()} images"
+    if len(counts) > len(shown):
+        title += f" (first {len(shown)} of {len(counts)} clients)"
+    ax.set_title(title)
+    ax.legend(title="digit", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+    path = run_dir / LABELS_PLOT
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,67 @@
+"""`dpfl plan`: figures equal to an independent Opacus accountant's, and honest warnings."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from simulations.plan import plan
+from simulations.presets import load_preset
+
+
+def accountant_epsilon(name, sigma, rate, steps, delta):
+    fresh = create_accountant(name)
+    fresh.history = [(sigma, rate, steps)]
+    return fresh.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_plan_matches_an_independent_accountant(accountant):
+    config = load_preset("mnist-eps2", [f"accountant={accountant}"])
+    (group,) = plan(config)  # 10 IID shards of 6000: one group
+    assert group.partition_ids == list(range(10)) and group.shard_size == 6000
+    assert group.sample_rate == pytest.approx(600 / 6000)
+    assert group.steps_per_round == 3 * 10
+    sigma = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-5, sample_rate=0.1, steps=300, accountant=accountant
+    )
+    assert group.noise_multiplier == sigma
+    for k, epsilon in enumerate(group.epsilon_by_round, start=1):
+        assert epsilon == pytest.approx(accountant_epsilon(accountant, sigma, 0.1, 30 * k, 1e-5), rel=1e-9)
+    assert group.epsilon_by_round[-1] <= 2.0 and group.warnings == []
+
+
+def test_plan_groups_unequal_dirichlet_shards():
+    groups = plan(load_preset("mnist-eps2", ["partitioner=dirichlet", "dirichlet-alpha=0.3"]))
+    assert sum(len(g.partition_ids) for g in groups) == 10
+    assert sum(g.shard_size * len(g.partition_ids) for g in groups) == 60_000
+    assert all(g.epsilon_by_round[-1] <= 2.0 for g in groups)
+
+
+def test_plan_warns_when_a_fixed_noise_overspends_the_budget():
+    (group,) = plan(load_preset("mnist-eps2", ["noise-multiplier=1.0", "num-server-rounds=3"]))
+    assert group.noise_multiplier == 1.0
+    assert any("exhausted after round 0" in w for w in group.warnings)
+
+
+def test_plan_warns_when_noise_drowns_the_signal():
+    (group,) = plan(load_preset("smoke", ["target-epsilon=0.05", "batch-size=10", "num-server-rounds=20"]))
+    assert any("learning is unlikely" in w for w in group.warnings)
+
+
+def test_plan_labels_non_private_runs():
+    (group,) = plan(load_preset("smoke", ["target-epsilon=inf"]))
+    assert group.noise_multiplier == 0.0
+    assert all(math.isinf(e) for e in group.epsilon_by_round)
+
+
+def test_plan_command_prints_the_table():
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "plan", "--preset", "smoke"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "steps/round" in result.stdout and "0-1" in result.stdout
