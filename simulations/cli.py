@@ -19,7 +19,7 @@ from typing import Any
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations import model_cli, plan, sweep, tls
+from simulations import audit_cli, model_cli, plan, sweep, tls
 from simulations.presets import available_presets, load_preset
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_commands(commands)
     plan.add_commands(commands)
     sweep.add_commands(commands)
+    audit_cli.add_commands(commands)
     return parser
 
 
