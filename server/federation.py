@@ -56,6 +56,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
                 train_loss=strategy.last_round.train_loss,
                 clients_trained=strategy.last_round.clients_trained,
                 clients_refused=strategy.last_round.clients_refused,
+                clients_rejected=strategy.last_round.clients_rejected,
                 seconds=run_dir.elapsed(),
             )
             run_dir.append_round(row)

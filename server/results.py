@@ -42,6 +42,7 @@ class RoundRow:
     train_loss: float
     clients_trained: int
     clients_refused: int
+    clients_rejected: int
     seconds: float
 
 

@@ -14,11 +14,20 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.protocol import DELTA, EPSILON, METRICS_KEY, NUM_EXAMPLES, REFUSAL_KEY, TRAIN_LOSS
+from common.protocol import (
+    ARRAYS_KEY,
+    DELTA,
+    EPSILON,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    REFUSAL_KEY,
+    TRAIN_LOSS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,41 @@ class TrainRound:
 
     clients_trained: int = 0
     clients_refused: int = 0
+    clients_rejected: int = 0
     train_loss: float = math.nan
+
+
+def reply_problem(content: RecordDict, reference: ArrayRecord) -> str | None:
+    """Why a client's train reply must not be aggregated, or None if it is sound.
+
+    Replies come from the network: a buggy or hostile client can send anything. Only an
+    update with exactly the global model's tensors, shapes and dtypes, all finite, and the
+    metrics every reply carries, reaches the average.
+    """
+    metrics = content.metric_records.get(METRICS_KEY)
+    if metrics is None or any(key not in metrics for key in (NUM_EXAMPLES, EPSILON, DELTA, TRAIN_LOSS)):
+        return f"its metrics lack {', '.join((NUM_EXAMPLES, EPSILON, DELTA, TRAIN_LOSS))}"
+    if any(isinstance(metrics[key], list) for key in metrics):
+        return "its metrics hold lists where numbers belong"
+    if REFUSAL_KEY in content:
+        return None
+    arrays = content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        return "it sent neither weights nor a refusal"
+    if list(arrays.keys()) != list(reference.keys()):
+        return "its tensors are not the global model's"
+    for name, array in arrays.items():
+        expected = reference[name]
+        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
+            return (
+                f"tensor {name} is {array.dtype}{list(array.shape)}, expected "
+                f"{expected.dtype}{list(expected.shape)}"
+            )
+        if not np.isfinite(array.numpy()).all():
+            return f"tensor {name} holds NaN or Inf"
+    if not float(metrics[NUM_EXAMPLES]) > 0:
+        return f"it claims {metrics[NUM_EXAMPLES]} training examples"
+    return None
 
 
 class LedgerAwareFedAvg(FedAvg):
@@ -59,6 +102,7 @@ class LedgerAwareFedAvg(FedAvg):
         self.delta_by_node: dict[int, float] = {}
         self.refused_nodes: set[int] = set()
         self.connected_nodes: set[int] = set()
+        self.global_arrays = ArrayRecord()
         self.last_round = TrainRound()
 
     @property
@@ -74,17 +118,23 @@ class LedgerAwareFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.connected_nodes = set(grid.get_node_ids())
+        self.global_arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained, refused = [], []
+        trained, refused, rejected = [], [], 0
         for reply in replies:
             if reply.has_error():
                 trained.append(reply)  # FedAvg logs and drops failures
                 continue
             node = reply.metadata.src_node_id
+            problem = reply_problem(reply.content, self.global_arrays)
+            if problem is not None:
+                rejected += 1
+                log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
+                continue
             metrics = reply.content[METRICS_KEY]
             self.epsilon_by_node[node] = float(metrics[EPSILON])
             self.delta_by_node[node] = float(metrics[DELTA])
@@ -109,6 +159,7 @@ class LedgerAwareFedAvg(FedAvg):
         self.last_round = TrainRound(
             clients_trained=sum(1 for reply in trained if not reply.has_error()),
             clients_refused=len(refused),
+            clients_rejected=rejected,
             train_loss=float(metrics[TRAIN_LOSS]) if metrics is not None else math.nan,
         )
         return arrays, metrics
