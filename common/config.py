@@ -358,10 +358,14 @@ def load_toml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; is it the right file?") from None
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    if not values:
+        raise ConfigError(f"config file {path} is empty; write at least name = \"...\"")
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(
