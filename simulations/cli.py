@@ -19,7 +19,7 @@ from typing import Any
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations import audit_cli, model_cli, plan, sweep, tls
+from simulations import audit_cli, bench, model_cli, plan, sweep, tls
 from simulations.presets import available_presets, load_preset
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_commands(commands)
     sweep.add_commands(commands)
     audit_cli.add_commands(commands)
+    bench.add_commands(commands)
     return parser
 
 

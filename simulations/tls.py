@@ -114,19 +114,28 @@ def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: int
+) -> x509.CertificateBuilder:
+    """A certificate valid from five minutes ago (clock skew) for `days` days."""
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
 def create_ca(common_name: str = "dpfl federation CA", days: int = 3650) -> CertificateAuthority:
     """A self-signed CA that may sign server certificates only (path length 0)."""
     key = ec.generate_private_key(_CURVE())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        _builder(name, name, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -148,17 +157,9 @@ def issue_server_certificate(
     """A TLS server key and certificate for the SuperLink, valid for `hosts` and loopback."""
     names = subject_alt_names(hosts)
     key = ec.generate_private_key(_CURVE())
-    now = _now()
-    first = names[0]
-    common_name = str(first.value)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[0].value))])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        _builder(subject, ca.cert.subject, key.public_key(), days)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import RunConfig
 from common.data import DATA_DIR_ENV, RAW_FILES
@@ -42,3 +43,12 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> RunConfig:
             "target-delta": 1e-5,
         }
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that train: on two shared cores, two torch threads train ~15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -43,13 +43,7 @@ OVERFIT_EPOCHS, BATCH = 40, 50
 DP_EPOCHS, DP_LEARNING_RATE, EPSILON, DELTA = 20, 0.5, 2.0, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The two test cores are shared: two torch threads on a busy machine train ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

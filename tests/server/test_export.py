@@ -39,13 +39,7 @@ def batched_logits(model, images: torch.Tensor, batch_size: int = 2000) -> torch
         return torch.cat([model(images[i : i + batch_size]) for i in starts])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The two test cores are shared: two torch threads on a busy machine train ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""`dpfl bench`: the utility and speed figures of a preset, measured, printed and saved as JSON.
+
+Targets (issue #4): test accuracy >= 98% at epsilon = 2 for 10 IID clients (>= 95% with
+Dirichlet(0.5) label skew), the whole run <= 5 minutes, one DP-SGD epoch <= 1.3x the same
+epoch without DP, and Flower's simulation <= 1.2x the same rounds run in-process without it.
+Every figure is printed with its ratio to the target; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import RecordDict
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.ledger import PrivacyBudget, PrivacyLedger
+from client.training import dp_train, train_round
+from common.config import NodeConfig, RunConfig
+from common.data import client_shard, load_mnist, resolve_data_dir
+from common.evaluation import evaluate
+from common.model import build_model
+from simulations.presets import load_preset
+
+log = logging.getLogger(__name__)
+
+TARGETS = {
+    "iid-accuracy": (0.98, "min"),
+    "dirichlet-accuracy": (0.95, "min"),
+    "run-seconds": (300.0, "max"),
+    "dp-epoch-overhead": (1.3, "max"),
+    "orchestration-overhead": (1.2, "max"),
+}
+
+
+def _epoch_seconds(config: RunConfig, shard: TensorDataset, private: bool) -> float:
+    """Wall time of one local epoch over `shard`, with Opacus DP-SGD or plain SGD."""
+    model = build_model(config.training.model, seed=config.seed)
+    start = time.perf_counter()
+    if private:
+        ledger = PrivacyLedger.empty(PrivacyBudget(config.privacy.target_epsilon, config.privacy.target_delta), config.privacy.accountant)
+        ledger.plan_run(0, len(shard), config.training.batch_size, 1, config.federation.num_server_rounds)
+        one_epoch = dataclasses.replace(config, training=dataclasses.replace(config.training, local_epochs=1))
+        start = time.perf_counter()  # noise planning is once per run, not per epoch
+        dp_train(model, shard, ledger, one_epoch)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate)
+        for images, labels in DataLoader(shard, batch_size=config.training.batch_size, shuffle=True):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+def dp_overhead(config: RunConfig, repeats: int = 3) -> dict[str, float]:
+    """One epoch over client 0's shard with and without DP, interleaved, same threads."""
+    data_dir = resolve_data_dir(config.data.data_dir)
+    shard = client_shard(config.data, config.seed, 0, config.federation.num_clients, data_dir)
+    plain, private = [], []
+    for _ in range(repeats):
+        plain.append(_epoch_seconds(config, shard, private=False))
+        private.append(_epoch_seconds(config, shard, private=True))
+    return {
+        "plain-epoch-seconds": statistics.median(plain),
+        "dp-epoch-seconds": statistics.median(private),
+        "dp-epoch-overhead": statistics.median(private) / statistics.median(plain),
+    }
+
+
+def run_without_flower(config: RunConfig) -> dict[str, float]:
+    """The same rounds in one process: every client's `train_round`, FedAvg, central evaluation."""
+    start = time.perf_counter()
+    data_dir = resolve_data_dir(config.data.data_dir)
+    test_set = load_mnist(data_dir, train=False)
+    model = build_model(config.training.model, seed=config.seed)
+    clients = config.federation.num_clients
+    states = [RecordDict() for _ in range(clients)]
+    accuracy = 0.0
+    for _ in range(config.federation.num_server_rounds):
+        outcomes = [
+            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), states[i], 0)
+            for i in range(clients)
+        ]
+        trained = [o for o in outcomes if o.state_dict is not None]
+        total = sum(o.num_examples for o in trained)
+        model.load_state_dict(
+            {k: sum(o.state_dict[k] * (o.num_examples / total) for o in trained) for k in model.state_dict()}
+        )
+        _, accuracy = evaluate(model, test_set)
+    return {"seconds": time.perf_counter() - start, "test-accuracy": accuracy}
+
+
+def bench(preset: str, overrides: list[str]) -> dict[str, Any]:
+    """Run every measurement; return figures, targets and ratios."""
+    from simulations.cli import simulate
+
+    config = load_preset(preset, overrides)
+    figures: dict[str, Any] = {"preset": preset, "overrides": overrides, "threads": torch.get_num_threads()}
+    figures.update(dp_overhead(config))
+
+    start = time.perf_counter()
+    iid = simulate(config)
+    figures["run-seconds"] = time.perf_counter() - start
+    figures["iid-accuracy"] = iid["test-accuracy"]
+    figures["iid-epsilon"] = iid["epsilon"]
+
+    local = run_without_flower(config)
+    figures["local-run-seconds"] = local["seconds"]
+    figures["local-accuracy"] = local["test-accuracy"]
+    figures["orchestration-overhead"] = figures["run-seconds"] / local["seconds"]
+
+    skewed = simulate(load_preset(preset, [*overrides, "partitioner=dirichlet", "dirichlet-alpha=0.5"]))
+    figures["dirichlet-accuracy"] = skewed["test-accuracy"]
+    figures["dirichlet-epsilon"] = skewed["epsilon"]
+    figures["targets"] = {
+        name: {"target": target, "kind": kind, "ratio": figures[name] / target, "met": figures[name] >= target if kind == "min" else figures[name] <= target}
+        for name, (target, kind) in TARGETS.items()
+    }
+    return figures
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.quick:
+        overrides = ["num-server-rounds=2", "train-subset=6000", "local-epochs=1", "batch-size=100", *overrides]
+    figures = bench(args.preset, overrides)
+    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"{'figure':<24} {'measured':>10} {'target':>10} {'ratio':>7}  met")
+    for name, target in figures["targets"].items():
+        bound = ">=" if target["kind"] == "min" else "<="
+        print(f"{name:<24} {figures[name]:>10.4g} {bound + format(target['target'], 'g'):>10} {target['ratio']:>7.2f}  {'yes' if target['met'] else 'NO'}")
+    print(
+        f"(plain epoch {figures['plain-epoch-seconds']:.2f} s, DP epoch {figures['dp-epoch-seconds']:.2f} s; "
+        f"without Flower {figures['local-run-seconds']:.1f} s, accuracy {100 * figures['local-accuracy']:.2f}%)"
+    )
+    print(f"-> {out}")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `dpfl bench` on the `dpfl` parser."""
+    cmd = commands.add_parser("bench", help="measure accuracy, run time, DP and Flower overheads against the targets")
+    cmd.add_argument("--preset", default="mnist-eps2", help="preset name or TOML file")
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    cmd.add_argument("--quick", action="store_true", help="2 rounds on 6000 images: a smoke check of the bench itself")
+    cmd.add_argument("--out", help="directory for the JSON (default: the preset's output-dir)")
+    cmd.set_defaults(handler=_cmd_bench)
