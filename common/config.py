@@ -63,6 +63,12 @@ class FederationConfig:
     fraction_train: float = _option(
         1.0, "fraction of clients sampled each round", low=0.0, high=1.0, low_open=True
     )
+    round_timeout: float = _option(
+        3600.0,
+        "seconds the server waits for a round's replies before going on with those it has",
+        low=0.0,
+        low_open=True,
+    )
 
 
 @dataclass(frozen=True)

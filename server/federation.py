@@ -80,6 +80,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=federation.num_server_rounds,
+            timeout=federation.round_timeout,
             train_config=ConfigRecord(config.to_flat()),
             evaluate_fn=central_evaluate,
         )
