@@ -29,7 +29,7 @@ from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
-from simulations.presets import load_preset
+from simulations.presets import add_config_arguments, load_preset
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `dpfl bench` on the `dpfl` parser."""
     cmd = commands.add_parser("bench", help="measure accuracy, run time, DP and Flower overheads against the targets")
-    cmd.add_argument("--preset", default="mnist-eps2", help="preset name or TOML file")
-    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(cmd)
     cmd.add_argument("--quick", action="store_true", help="2 rounds on 6000 images: a smoke check of the bench itself")
     cmd.add_argument("--out", help="directory for the JSON (default: the preset's output-dir)")
     cmd.set_defaults(handler=_cmd_bench)

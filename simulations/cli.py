@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
 from simulations import audit_cli, bench, model_cli, plan, sweep, tls
-from simulations.presets import available_presets, load_preset
+from simulations.presets import add_config_arguments, load_preset
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a preset as an in-process Flower simulation")
-    sim.add_argument(
-        "--preset",
-        default="mnist-eps2",
-        help=f"preset name ({', '.join(available_presets())}) or path to a TOML file",
-    )
-    sim.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set target-epsilon=4 (repeatable)",
-    )
+    add_config_arguments(sim)
     sim.set_defaults(handler=_cmd_simulate)
     model_cli.add_commands(commands)
     tls.add_commands(commands)

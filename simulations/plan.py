@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir, shard_indices
 from common.model import build_model
 from common.privacy import describe_epsilon
-from simulations.presets import load_preset
+from simulations.presets import add_config_arguments, load_preset
 
 #: Warn when the noise added to a step's summed gradient is this many times larger than the
 #: largest signal a full batch can contribute (sigma * sqrt(parameters) / batch size).
@@ -103,6 +103,5 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `dpfl plan` on the `dpfl` parser."""
     cmd = commands.add_parser("plan", help="show each client's noise and epsilon per round, without training")
-    cmd.add_argument("--preset", default="mnist-eps2", help="preset name or TOML file")
-    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(cmd)
     cmd.set_defaults(handler=_cmd_plan)

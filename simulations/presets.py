@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from common.config import RunConfig, load_toml, parse_overrides
@@ -35,3 +36,19 @@ def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
     values = load_toml(preset_path(name))
     values.update(parse_overrides(overrides or []))
     return RunConfig.from_mapping(values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset` and `--set`, the same for every command that takes a run config."""
+    parser.add_argument(
+        "--preset",
+        default="mnist-eps2",
+        help=f"preset name ({', '.join(available_presets())}) or path to a TOML file",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set target-epsilon=4 (repeatable)",
+    )

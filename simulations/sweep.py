@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from common.errors import ConfigError
-from simulations.presets import load_preset
+from simulations.presets import add_config_arguments, load_preset
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `dpfl sweep` on the `dpfl` parser."""
     cmd = commands.add_parser("sweep", help="run a preset at several epsilons and plot accuracy against epsilon")
-    cmd.add_argument("--preset", default="mnist-eps2", help="preset name or TOML file")
+    add_config_arguments(cmd)
     cmd.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated target epsilons; inf = non-private")
     cmd.add_argument("--repeats", type=int, default=1, help="runs per epsilon, with seeds seed, seed+1, ...")
-    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     cmd.add_argument("--out", help="sweep directory (default: <output-dir>/sweep-<name>); reuse it to resume")
     cmd.set_defaults(handler=_cmd_sweep)
