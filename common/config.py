@@ -63,6 +63,9 @@ class FederationConfig:
     fraction_train: float = _option(
         1.0, "fraction of clients sampled each round", low=0.0, high=1.0, low_open=True
     )
+    min_train_clients: int = _option(
+        1, "fewest sound updates that make a round; with fewer the round is skipped", low=1
+    )
     round_timeout: float = _option(
         3600.0,
         "seconds the server waits for a round's replies before going on with those it has",
@@ -319,6 +322,11 @@ def _check_run(config: RunConfig) -> None:
     """Checks that involve more than one key."""
     examples = config.total_train_examples()
     clients = config.federation.num_clients
+    if config.federation.min_train_clients > clients:
+        raise ConfigError(
+            f"min-train-clients = {config.federation.min_train_clients} is invalid: more than "
+            f"num-clients = {clients}; no round could ever be aggregated"
+        )
     if clients > examples:
         raise ConfigError(
             f"num-clients = {clients} is invalid: more clients than "

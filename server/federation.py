@@ -40,6 +40,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
         fraction_evaluate=0.0,  # evaluation is central, on the server's test set
         min_train_nodes=max(1, math.floor(federation.fraction_train * federation.num_clients)),
         min_available_nodes=federation.num_clients,
+        min_trained_clients=federation.min_train_clients,
     )
     rows: list[RoundRow] = []
 

@@ -96,8 +96,9 @@ def reply_problem(content: RecordDict, reference: ArrayRecord) -> str | None:
 class LedgerAwareFedAvg(FedAvg):
     """FedAvg that leaves refused rounds out of the average and tracks each client's epsilon."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, min_trained_clients: int = 1, **kwargs) -> None:
         super().__init__(train_metrics_aggr_fn=aggregate_train_metrics, **kwargs)
+        self.min_trained_clients = min_trained_clients
         self.epsilon_by_node: dict[int, float] = {}
         self.delta_by_node: dict[int, float] = {}
         self.refused_nodes: set[int] = set()
@@ -155,9 +156,19 @@ class LedgerAwareFedAvg(FedAvg):
                 f"all {len(self.connected_nodes)} clients refused to train in round "
                 f"{server_round}: their privacy budgets are spent"
             )
+        sound = sum(1 for reply in trained if not reply.has_error())
+        if sound < self.min_trained_clients:
+            log.warning(
+                "round %d skipped: only %d client(s) sent a sound update, fewer than "
+                "min-train-clients = %d; keeping the previous global model",
+                server_round,
+                sound,
+                self.min_trained_clients,
+            )
+            trained = []
         arrays, metrics = super().aggregate_train(server_round, trained)
         self.last_round = TrainRound(
-            clients_trained=sum(1 for reply in trained if not reply.has_error()),
+            clients_trained=sound if trained else 0,
             clients_refused=len(refused),
             clients_rejected=rejected,
             train_loss=float(metrics[TRAIN_LOSS]) if metrics is not None else math.nan,

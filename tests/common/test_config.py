@@ -55,6 +55,7 @@ def test_string_overrides_are_typed():
         ({"batch-size": "64x"}, "batch-size = '64x' is invalid"),
         ({"model": 3}, "model = 3 is invalid: must be one of: cnn"),
         ({"target-epsilom": 2.0}, "unknown config key 'target-epsilom'; known keys:"),
+        ({"min-train-clients": 11}, "min-train-clients = 11 is invalid: more than num-clients = 10"),
     ],
 )
 def test_bad_values_name_key_value_and_range(values, expected):

@@ -119,3 +119,13 @@ def test_replies_without_metrics_or_weights_are_rejected(caplog):
     arrays, metrics = strategy.aggregate_train(1, [empty, no_weights])
     assert arrays is None and metrics is None
     assert "its metrics lack" in caplog.text and "neither weights nor a refusal" in caplog.text
+
+
+def test_a_round_below_the_minimum_is_skipped_with_a_log_line(caplog):
+    strategy = LedgerAwareFedAvg(min_trained_clients=2, min_train_nodes=1, min_available_nodes=1)
+    strategy.configure_train(4, GLOBAL, ConfigRecord(), FakeGrid([1, 2, 3]))
+    broken = reply(3, epsilon=0.5, arrays=ArrayRecord([np.full(3, np.nan, dtype=np.float32)]))
+    arrays, metrics = strategy.aggregate_train(4, [reply(1, weights=1.0, epsilon=0.5), broken])
+    assert arrays is None and metrics is None  # start() keeps the previous global model
+    assert "round 4 skipped: only 1 client(s) sent a sound update, fewer than min-train-clients = 2" in caplog.text
+    assert strategy.last_round.clients_trained == 0 and strategy.last_round.clients_rejected == 1
