@@ -123,12 +123,8 @@ class PrivacyLedger:
 
     def refusal(self, steps: int, rate: float) -> str | None:
         """Why a round of `steps` steps at sampling rate `rate` must be refused, or None."""
-        exhausted = (
-            f"privacy budget exhausted: epsilon spent {self.epsilon:.3f} of "
-            f"{self.budget.epsilon:g} (delta = {self.budget.delta:g})"
-        )
         if self.plan is None:
-            return f"{exhausted}; nothing is left for this run"
+            return f"{self._exhausted()}; nothing is left for this run"
         if rate != self.plan.sample_rate:
             return (
                 f"the round's sampling rate {rate:.4g} differs from the planned "
@@ -136,8 +132,15 @@ class PrivacyLedger:
             )
         after = self.epsilon_after(steps)
         if after > self.budget.epsilon:
-            return f"{exhausted}; this round would reach {after:.3f}"
+            return f"{self._exhausted()}; this round would reach {after:.3f}"
         return None
+
+    def _exhausted(self) -> str:
+        # Built only when refusing: `epsilon` is a full accountant evaluation.
+        return (
+            f"privacy budget exhausted: epsilon spent {self.epsilon:.3f} of "
+            f"{self.budget.epsilon:g} (delta = {self.budget.delta:g})"
+        )
 
     def to_json(self) -> str:
         return json.dumps(
