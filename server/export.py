@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import statistics
 import time
-import tomllib
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.config import RunConfig, load_toml
 from common.data import MEAN, STD
 from common.errors import DpflError
-from common.model import MODELS, build_model
+from common.model import build_model
 from server.results import CONFIG_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -104,19 +104,10 @@ def load_model(source: Path) -> nn.Module:
 
 
 def _architecture(config_file: Path) -> str:
-    """The `model` key of a run's config.toml; runs saved without one used the default CNN."""
+    """The `model` of a run's config.toml; runs saved without one used the default CNN."""
     if not config_file.is_file():
         return DEFAULT_MODEL
-    try:
-        name = tomllib.loads(config_file.read_text()).get("model", DEFAULT_MODEL)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DpflError(f"{config_file} is not valid TOML ({err}); fix or remove it") from None
-    if name not in MODELS:
-        raise DpflError(
-            f"{config_file} names model '{name}', which dpfl does not know; "
-            f"use one of {', '.join(MODELS)}"
-        )
-    return name
+    return RunConfig.from_mapping(load_toml(config_file)).training.model
 
 
 @contextlib.contextmanager
