@@ -27,7 +27,9 @@ from common.errors import DpflError
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
 from common.storage import atomic_write
 
-LEDGER_FORMAT = 2
+LEDGER_FORMAT = 3
+#: Format 2 keyed the plan by Flower's numeric run id; its plans read as that id in text.
+READABLE_FORMATS = (2, 3)
 STATE_KEY = "dpfl.privacy-ledger"
 
 
@@ -43,7 +45,7 @@ class PrivacyBudget:
 class NoisePlan:
     """The DP-SGD parameters fixed at a run's first round on this client."""
 
-    run_id: int
+    run: str
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
@@ -75,7 +77,7 @@ class PrivacyLedger:
 
     def plan_run(
         self,
-        run_id: int,
+        run: str,
         num_examples: int,
         batch_size: int,
         local_epochs: int,
@@ -86,10 +88,11 @@ class PrivacyLedger:
 
         A fixed `noise_multiplier` (> 0) is taken as given; the budget then only caps how
         many rounds it may pay for. An infinite budget means non-private training: no noise.
-        A ledger that already has a plan for `run_id` keeps it (a restarted client continues
-        its run). Returns None when the remaining budget cannot pay for the run at any noise.
+        A ledger that already has a plan for `run` keeps it: a restarted client, or a server
+        resuming the run, continues with the same noise. Returns None when the remaining
+        budget cannot pay for the run at any noise.
         """
-        if self.plan is not None and self.plan.run_id == run_id:
+        if self.plan is not None and self.plan.run == run:
             return self.plan
         rate = sample_rate(num_examples, batch_size)
         steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
@@ -111,7 +114,7 @@ class PrivacyLedger:
             except ValueError:  # not even the largest noise fits in what is left
                 self.plan = None
                 return None
-        self.plan = NoisePlan(run_id, sigma, rate, steps_per_round, planned_steps)
+        self.plan = NoisePlan(run, sigma, rate, steps_per_round, planned_steps)
         return self.plan
 
     def epsilon_after(self, steps: int) -> float:
@@ -165,10 +168,13 @@ class PrivacyLedger:
         """
         try:
             data = json.loads(text)
-            if data.get("format") != LEDGER_FORMAT:
+            if data.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"unknown ledger format {data.get('format')!r}")
             history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
-            plan = NoisePlan(**data["plan"]) if data["plan"] else None
+            plan = data["plan"]
+            if plan and "run_id" in plan:
+                plan["run"] = str(plan.pop("run_id"))
+            plan = NoisePlan(**plan) if plan else None
         except (ValueError, KeyError, TypeError) as err:
             raise DpflError(
                 f"privacy ledger is unreadable ({err}); restore it from a backup — deleting it "

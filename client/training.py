@@ -7,6 +7,7 @@ know nothing about Messages, so they can be called and tested directly.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,9 +45,15 @@ class RoundOutcome:
 
 
 def budget_for(run: RunConfig, node: NodeConfig) -> PrivacyBudget:
-    """The client's budget: its own node config wins over what the run proposes."""
+    """The client's budget: its own node config wins over what the run proposes.
+
+    Under central DP the run's budget is the server's, per client; a client then adds no
+    noise of its own (its ledger counts the rounds as non-private releases to the trusted
+    server) unless its node config sets a budget, which it then spends with DP-SGD as usual.
+    """
+    proposed = math.inf if run.privacy.dp_mode == "central" else run.privacy.target_epsilon
     return PrivacyBudget(
-        epsilon=node.target_epsilon if node.target_epsilon is not None else run.privacy.target_epsilon,
+        epsilon=node.target_epsilon if node.target_epsilon is not None else proposed,
         delta=node.target_delta if node.target_delta is not None else run.privacy.target_delta,
     )
 
@@ -56,9 +63,9 @@ def train_round(
     run: RunConfig,
     node: NodeConfig,
     state: RecordDict,
-    run_id: int,
+    run_key: str,
 ) -> RoundOutcome:
-    """Train on this client's shard for one round of run `run_id`, unless the ledger forbids it.
+    """Train on this client's shard for one round of run `run_key`, unless the ledger forbids it.
 
     `state` is the node's Flower state (`context.state`); the ledger is kept there and, with
     a ledger directory, on disk.
@@ -66,12 +73,13 @@ def train_round(
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
     budget = budget_for(run, node)
-    check_delta(budget.delta, len(shard))
+    if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
+        check_delta(budget.delta, len(shard))
     store = LedgerStore(state, ledger_dir(run, node), dataset_key(*shard.tensors))
     ledger = store.load(budget, run.privacy.accountant)
     batch_size = run.training.batch_size
     ledger.plan_run(
-        run_id,
+        run_key,
         num_examples=len(shard),
         batch_size=batch_size,
         local_epochs=run.training.local_epochs,

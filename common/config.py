@@ -134,7 +134,29 @@ class PrivacyConfig:
     ledger_dir: str = _option(
         "",
         "simulated clients keep their ledgers in <ledger-dir>/client-<partition-id>/, so "
-        "spent budget carries over to later runs; empty keeps them in memory for one run",
+        "spent budget carries over to later runs; empty keeps them in the run directory",
+    )
+    dp_mode: str = _option(
+        "local",
+        "local: each client runs DP-SGD (example-level epsilon; the server need not be "
+        "trusted); central: the server clips client updates and noises their average "
+        "(client-level epsilon; the server sees the updates and must be trusted)",
+        choices=("local", "central"),
+    )
+    central_clipping: str = _option(
+        "server",
+        "central DP: where each client's model update is clipped (Flower's server-side or "
+        "client-side fixed-clipping wrapper)",
+        choices=("server", "client"),
+    )
+    central_noise_multiplier: float = _option(
+        1.0,
+        "central DP: noise std on the average of m clipped updates, in units of "
+        "central-clipping-norm / m",
+        low=0.0,
+    )
+    central_clipping_norm: float = _option(
+        2.0, "central DP: L2 bound on each client's model update per round", low=0.0, low_open=True
     )
 
 
@@ -338,7 +360,31 @@ def _check_run(config: RunConfig) -> None:
             f"noise-multiplier = {privacy.noise_multiplier:g} contradicts target-epsilon = inf "
             "(non-private training); set one or the other"
         )
-    check_delta(privacy.target_delta, examples // clients)
+    if privacy.dp_mode == "central":
+        _check_central(privacy, clients)
+    else:
+        check_delta(privacy.target_delta, examples // clients)
+
+
+def _check_central(privacy: PrivacyConfig, clients: int) -> None:
+    """Central DP protects whole clients: delta and noise are judged per client."""
+    if privacy.noise_multiplier > 0:
+        raise ConfigError(
+            f"noise-multiplier = {privacy.noise_multiplier:g} does not apply with dp-mode = "
+            "central (the server adds the noise: set central-noise-multiplier); set it to 0"
+        )
+    if privacy.central_noise_multiplier == 0 and math.isfinite(privacy.target_epsilon):
+        raise ConfigError(
+            f"central-noise-multiplier = 0 releases client updates without noise, which no "
+            f"target-epsilon = {privacy.target_epsilon:g} allows; raise it, or set "
+            "target-epsilon = inf to train without privacy"
+        )
+    if privacy.target_delta >= 1 / clients:
+        raise ConfigError(
+            f"target-delta = {privacy.target_delta:g} is invalid with dp-mode = central: it must "
+            f"be below 1/num-clients = {1 / clients:.3g}, or a run could publish a whole "
+            "client's update in the clear and still meet it; lower target-delta"
+        )
 
 
 def check_delta(delta: float, shard_size: int) -> None:

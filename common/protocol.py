@@ -11,6 +11,9 @@ METRICS_KEY = "metrics"
 #: A ConfigRecord with a "reason" string: the client refused this round and sent no weights.
 REFUSAL_KEY = "refusal"
 SERVER_ROUND = "server-round"  # injected by FedAvg into every round's config
+#: The server's name for the run, stable when it resumes after a crash; clients key their
+#: noise plan by it. Without it (a server that does not send one) Flower's run id is used.
+RUN_KEY = "dpfl-run"
 
 NUM_EXAMPLES = "num-examples"  # FedAvg's default weighting key
 TRAIN_LOSS = "train-loss"

@@ -19,6 +19,8 @@ from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
 from common.privacy import describe_epsilon
+from common.protocol import RUN_KEY
+from server.central_dp import central_dp
 from server.plots import plot_label_distribution, plot_run
 from server.results import RoundRow, RunDirectory
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
@@ -26,49 +28,76 @@ from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 log = logging.getLogger(__name__)
 
 
-def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
-    """Run FedAvg with DP clients for the configured rounds; return the run's summary."""
-    run_dir = RunDirectory.create(config)
-    random.seed(config.seed)  # Flower samples clients with the `random` module
+def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None = None) -> dict[str, Any]:
+    """Run FedAvg with DP clients for the configured rounds; return the run's summary.
+
+    Without `run_dir` a fresh one is created for `config`; with one (a resumed run) its
+    own config, model and completed rounds are where training continues.
+    """
     model = build_model(config.training.model, seed=config.seed)
+    if run_dir is None:
+        run_dir = RunDirectory.create(config, model.state_dict())
+    config = run_dir.config
+    model.load_state_dict(run_dir.model)
+    done = run_dir.completed_rounds
+    random.seed(config.seed + done)  # Flower samples clients with the `random` module
     data_dir = resolve_data_dir(config.data.data_dir)
     test_set = load_mnist(data_dir, train=False)
-    plot_label_distribution(run_dir.path, config, data_dir)
+    if not done:
+        plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation
+    central = config.privacy.dp_mode == "central"
+    last = run_dir.rows[-1] if run_dir.rows and not central else None
+    sampled = max(1, math.floor(federation.fraction_train * federation.num_clients))
     strategy = LedgerAwareFedAvg(
+        spent_epsilon=last.epsilon if last else 0.0,
+        spent_delta=last.delta if last else 0.0,
+        uniform_weights=central,
         fraction_train=federation.fraction_train,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test set
-        min_train_nodes=max(1, math.floor(federation.fraction_train * federation.num_clients)),
+        min_train_nodes=sampled,
         min_available_nodes=federation.num_clients,
         min_trained_clients=federation.min_train_clients,
     )
-    rows: list[RoundRow] = []
+    started, client_level = strategy, None
+    if central:
+        started, client_level = central_dp(strategy, config.privacy, sampled, run_dir.central_history)
+
+    privacy_unit = "client" if central else "example"
+
+    def privacy_spent() -> tuple[float, float]:
+        """The run's (epsilon, delta): client-level under central DP, else the clients' ledgers'."""
+        if client_level is not None:
+            return client_level.epsilon, config.privacy.target_delta
+        return strategy.epsilon, strategy.delta
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test_set)
         if server_round > 0:
+            epsilon, delta = privacy_spent()
             row = RoundRow(
-                round=server_round,
+                round=done + server_round,
                 test_accuracy=accuracy,
                 test_loss=loss,
-                epsilon=strategy.epsilon,
-                delta=strategy.delta,
+                epsilon=epsilon,
+                delta=delta,
                 train_loss=strategy.last_round.train_loss,
                 clients_trained=strategy.last_round.clients_trained,
                 clients_refused=strategy.last_round.clients_refused,
                 clients_rejected=strategy.last_round.clients_rejected,
                 seconds=run_dir.elapsed(),
             )
-            run_dir.append_round(row)
-            run_dir.save_model(model.state_dict())
-            rows.append(row)
+            run_dir.record_round(
+                row, model.state_dict(), client_level.history if client_level else None
+            )
             log.info(
-                "round %d/%d  accuracy %.2f%%  loss %.4f  epsilon %s  delta %.0e  %.1f s",
-                server_round,
+                "round %d/%d  accuracy %.2f%%  loss %.4f  %s epsilon %s  delta %.0e  %.1f s",
+                row.round,
                 federation.num_server_rounds,
                 100 * accuracy,
                 loss,
+                privacy_unit,
                 describe_epsilon(row.epsilon),
                 row.delta,
                 row.seconds,
@@ -77,17 +106,20 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
 
     stop_reason = None
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=federation.num_server_rounds,
-            timeout=federation.round_timeout,
-            train_config=ConfigRecord(config.to_flat()),
-            evaluate_fn=central_evaluate,
-        )
+        if done < federation.num_server_rounds:
+            started.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=federation.num_server_rounds - done,
+                timeout=federation.round_timeout,
+                train_config=ConfigRecord({**config.to_flat(), RUN_KEY: run_dir.run_key}),
+                evaluate_fn=central_evaluate,
+            )
     except BudgetExhausted as err:
         stop_reason = str(err)
-        log.warning("stopping early after round %d: %s", len(rows), err)
+        log.warning("stopping early after round %d: %s", run_dir.completed_rounds, err)
+    rows = run_dir.rows
+    epsilon, delta = privacy_spent()
     summary = {
         "name": config.name,
         "run-dir": str(run_dir.path),
@@ -96,9 +128,11 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
         "stopped-early": stop_reason,
         "test-accuracy": rows[-1].test_accuracy if rows else None,
         "test-loss": rows[-1].test_loss if rows else None,
-        "private": math.isfinite(strategy.epsilon),
-        "epsilon": strategy.epsilon if math.isfinite(strategy.epsilon) else None,
-        "delta": strategy.delta,
+        "dp-mode": config.privacy.dp_mode,
+        "privacy-unit": privacy_unit,
+        "private": math.isfinite(epsilon),
+        "epsilon": epsilon if math.isfinite(epsilon) else None,
+        "delta": delta,
         "wall-seconds": run_dir.elapsed(),
     }
     run_dir.write_summary(summary)

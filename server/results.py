@@ -1,16 +1,22 @@
 """The run directory: resolved config, per-round rows, summary and model checkpoint.
 
-Rows are appended (and flushed) as each round finishes and the checkpoint is replaced
-atomically, so an interrupted run keeps everything up to its last completed round.
+After every round one atomic write replaces `checkpoint.pt`, which holds everything the
+run needs to go on: the round's model, every row so far and the run's key (the name
+clients plan their noise under). Only then is the row appended to `rounds.csv` and the
+model copied to `model.pt`. A server killed at any instant therefore leaves a checkpoint
+that is complete up to some round, and resuming rewrites `rounds.csv` from it: no row is
+duplicated or lost, whatever the kill interrupted.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,7 +25,8 @@ from typing import Any
 import tomli_w
 import torch
 
-from common.config import RunConfig
+from common.config import RunConfig, load_toml
+from common.errors import DpflError
 from common.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,8 @@ CONFIG_FILE = "config.toml"
 ROUNDS_FILE = "rounds.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+LEDGERS_DIR = "ledgers"
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,41 @@ class RoundRow:
 
 
 class RunDirectory:
-    """`<output-dir>/<timestamp>-<name>/` and the files in it."""
+    """`<output-dir>/<timestamp>-<name>/` and the files in it.
 
-    def __init__(self, path: Path) -> None:
+    `rows` are the rounds completed so far, `model` the global model after the last of them
+    (the initial model before any round), `run_key` the run's name towards clients, and
+    `central_history` the server's client-level accountant history under central DP.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: RunConfig,
+        run_key: str,
+        rows: list[RoundRow],
+        model: dict[str, torch.Tensor],
+        central_history: list[tuple[float, float, int]] | None = None,
+    ) -> None:
         self.path = path
-        self.started = time.monotonic()
+        self.config = config
+        self.run_key = run_key
+        self.rows = rows
+        self.model = model
+        self.central_history = central_history or []
+        # A resumed run's clock continues where its last completed round left it.
+        self.started = time.monotonic() - (rows[-1].seconds if rows else 0.0)
 
     @classmethod
-    def create(cls, config: RunConfig) -> RunDirectory:
+    def create(
+        cls, config: RunConfig, model: dict[str, torch.Tensor], own_ledgers: bool = False
+    ) -> RunDirectory:
+        """A fresh run directory holding `config.toml`, an empty `rounds.csv` and round 0.
+
+        With `own_ledgers` (simulations, where every client runs on this machine) a config
+        without a ledger directory keeps the clients' ledgers in the run directory, so they
+        survive a crash of the process and a resume continues them.
+        """
         root = Path(config.output_dir).expanduser().resolve()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for attempt in range(100):
@@ -67,26 +103,86 @@ class RunDirectory:
                 continue
         else:
             raise FileExistsError(f"could not create a fresh run directory under {root}")
-        run_dir = cls(path)
+        if own_ledgers and not config.privacy.ledger_dir:
+            privacy = dataclasses.replace(config.privacy, ledger_dir=str(path / LEDGERS_DIR))
+            config = dataclasses.replace(config, privacy=privacy)
+        # The random part keeps two servers' runs apart even with equal names and clocks.
+        run_dir = cls(path, config, f"{path.name}-{secrets.token_hex(4)}", [], model)
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(config.to_flat()).encode())
-        with (path / ROUNDS_FILE).open("w", newline="") as f:
-            csv.writer(f).writerow([field.name.replace("_", "-") for field in fields(RoundRow)])
+        run_dir._save_checkpoint()
+        run_dir._write_rounds()
         log.info("run directory: %s", path)
         return run_dir
+
+    @classmethod
+    def resume(cls, path: Path) -> RunDirectory:
+        """Reopen an interrupted run at its last completed round; `rounds.csv` is rewritten to match."""
+        path = Path(path).expanduser().resolve()
+        if not (path / CONFIG_FILE).is_file():
+            raise DpflError(f"{path} is not a run directory (it has no {CONFIG_FILE}); give the directory a run printed at its start")
+        config = RunConfig.from_mapping(load_toml(path / CONFIG_FILE))
+        try:
+            saved = torch.load(path / CHECKPOINT_FILE, weights_only=True)
+            rows = [RoundRow(**row) for row in saved["rows"]]
+            run_key, model = str(saved["run-key"]), saved["model"]
+            central_history = [tuple(entry) for entry in saved["central-history"]]
+        except FileNotFoundError:
+            raise DpflError(f"{path} has no {CHECKPOINT_FILE}, so it cannot be resumed; start a new run") from None
+        except Exception as err:  # unpickling reports corruption in many types
+            raise DpflError(f"{path / CHECKPOINT_FILE} is unreadable ({type(err).__name__}: {err}); start a new run") from None
+        summary = path / SUMMARY_FILE
+        if summary.is_file():
+            raise DpflError(f"{path} already finished ({summary.name} is written); start a new run instead")
+        run_dir = cls(path, config, run_key, rows, model, central_history)
+        run_dir._write_rounds()
+        log.info("resuming %s after round %d of %d", path, len(rows), config.federation.num_server_rounds)
+        return run_dir
+
+    @property
+    def completed_rounds(self) -> int:
+        return len(self.rows)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def append_round(self, row: RoundRow) -> None:
+    def record_round(
+        self,
+        row: RoundRow,
+        model: dict[str, torch.Tensor],
+        central_history: list[tuple[float, float, int]] | None = None,
+    ) -> None:
+        """Make a finished round durable: checkpoint first, then the row and `model.pt`."""
+        self.rows.append(row)
+        self.model = model
+        self.central_history = central_history or []
+        self._save_checkpoint()
         with (self.path / ROUNDS_FILE).open("a", newline="") as f:
             csv.writer(f).writerow(asdict(row).values())
             f.flush()
             os.fsync(f.fileno())
-
-    def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state_dict, buffer)
-        atomic_write(self.path / MODEL_FILE, buffer.getvalue())
+        atomic_write(self.path / MODEL_FILE, _torch_bytes(model))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+
+    def _save_checkpoint(self) -> None:
+        checkpoint = {
+            "run-key": self.run_key,
+            "rows": [asdict(row) for row in self.rows],
+            "model": self.model,
+            "central-history": [list(entry) for entry in self.central_history],
+        }
+        atomic_write(self.path / CHECKPOINT_FILE, _torch_bytes(checkpoint))
+
+    def _write_rounds(self) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow([field.name.replace("_", "-") for field in fields(RoundRow)])
+        writer.writerows(asdict(row).values() for row in self.rows)
+        atomic_write(self.path / ROUNDS_FILE, text.getvalue().encode())
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -36,14 +36,21 @@ class BudgetExhausted(Exception):
     """Every connected client has refused to train: no further round can change the model."""
 
 
+#: Server-side weight of every update when aggregating uniformly (central DP).
+UNIFORM_WEIGHT = "dpfl-uniform-weight"
+
+
 def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Examples summed, loss weighted by examples, epsilon and delta as the maximum over clients."""
+    """Examples summed, loss weighted by examples, epsilon and delta as the maximum over clients.
+
+    `weighting_key` is FedAvg's; the metrics weigh by examples whatever the model weighting.
+    """
     metrics = [record[METRICS_KEY] for record in records]
-    examples = sum(int(m[weighting_key]) for m in metrics)
+    examples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
     return MetricRecord(
         {
             NUM_EXAMPLES: examples,
-            TRAIN_LOSS: sum(float(m[TRAIN_LOSS]) * int(m[weighting_key]) for m in metrics) / examples,
+            TRAIN_LOSS: sum(float(m[TRAIN_LOSS]) * int(m[NUM_EXAMPLES]) for m in metrics) / examples,
             EPSILON: max(float(m[EPSILON]) for m in metrics),
             DELTA: max(float(m[DELTA]) for m in metrics),
         }
@@ -94,48 +101,83 @@ def reply_problem(content: RecordDict, reference: ArrayRecord) -> str | None:
 
 
 class LedgerAwareFedAvg(FedAvg):
-    """FedAvg that leaves refused rounds out of the average and tracks each client's epsilon."""
+    """FedAvg that leaves refused rounds out of the average and tracks each client's epsilon.
 
-    def __init__(self, min_trained_clients: int = 1, **kwargs) -> None:
-        super().__init__(train_metrics_aggr_fn=aggregate_train_metrics, **kwargs)
+    With `uniform_weights` every sound update counts the same, whatever number of examples
+    its client claims: central DP needs that, since its noise is calibrated to one client's
+    share (clipping norm / clients) of an unweighted average.
+    """
+
+    def __init__(
+        self,
+        min_trained_clients: int = 1,
+        spent_epsilon: float = 0.0,
+        spent_delta: float = 0.0,
+        uniform_weights: bool = False,
+        **kwargs,
+    ) -> None:
+        """`spent_epsilon`/`spent_delta`: what a resumed run's earlier rounds already cost."""
+        super().__init__(
+            train_metrics_aggr_fn=aggregate_train_metrics,
+            weighted_by_key=UNIFORM_WEIGHT if uniform_weights else NUM_EXAMPLES,
+            **kwargs,
+        )
         self.min_trained_clients = min_trained_clients
+        self.spent_epsilon = spent_epsilon
+        self.spent_delta = spent_delta
         self.epsilon_by_node: dict[int, float] = {}
         self.delta_by_node: dict[int, float] = {}
         self.refused_nodes: set[int] = set()
         self.connected_nodes: set[int] = set()
         self.global_arrays = ArrayRecord()
         self.last_round = TrainRound()
+        self._rejected = 0
 
     @property
     def epsilon(self) -> float:
         """The run's epsilon so far: the largest cumulative epsilon any client reported."""
-        return max(self.epsilon_by_node.values(), default=0.0)
+        return max([self.spent_epsilon, *self.epsilon_by_node.values()])
 
     @property
     def delta(self) -> float:
-        return max(self.delta_by_node.values(), default=0.0)
+        return max([self.spent_delta, *self.delta_by_node.values()])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.connected_nodes = set(grid.get_node_ids())
         self.global_arrays = arrays
+        self._rejected = 0
         return super().configure_train(server_round, arrays, config, grid)
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies fit to aggregate or to count as refusals; failed and unsound ones are logged and dropped.
+
+        Runs before anything touches the weights (central DP's clipping subtracts them from
+        the global model, so a wrong shape must not get that far).
+        """
+        kept = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
+                continue
+            problem = reply_problem(reply.content, self.global_arrays)
+            if problem is not None:
+                self._rejected += 1
+                log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
+                continue
+            if self.weighted_by_key == UNIFORM_WEIGHT:
+                reply.content[METRICS_KEY][UNIFORM_WEIGHT] = 1
+            kept.append(reply)
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained, refused, rejected = [], [], 0
-        for reply in replies:
-            if reply.has_error():
-                trained.append(reply)  # FedAvg logs and drops failures
-                continue
+        trained, refused = [], []
+        for reply in self.screen(server_round, replies):
             node = reply.metadata.src_node_id
-            problem = reply_problem(reply.content, self.global_arrays)
-            if problem is not None:
-                rejected += 1
-                log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
-                continue
             metrics = reply.content[METRICS_KEY]
             self.epsilon_by_node[node] = float(metrics[EPSILON])
             self.delta_by_node[node] = float(metrics[DELTA])
@@ -156,21 +198,20 @@ class LedgerAwareFedAvg(FedAvg):
                 f"all {len(self.connected_nodes)} clients refused to train in round "
                 f"{server_round}: their privacy budgets are spent"
             )
-        sound = sum(1 for reply in trained if not reply.has_error())
-        if sound < self.min_trained_clients:
+        if len(trained) < self.min_trained_clients:
             log.warning(
                 "round %d skipped: only %d client(s) sent a sound update, fewer than "
                 "min-train-clients = %d; keeping the previous global model",
                 server_round,
-                sound,
+                len(trained),
                 self.min_trained_clients,
             )
             trained = []
         arrays, metrics = super().aggregate_train(server_round, trained)
         self.last_round = TrainRound(
-            clients_trained=sound if trained else 0,
+            clients_trained=len(trained),
             clients_refused=len(refused),
-            clients_rejected=rejected,
+            clients_rejected=self._rejected,
             train_loss=float(metrics[TRAIN_LOSS]) if metrics is not None else math.nan,
         )
         return arrays, metrics

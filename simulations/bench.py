@@ -48,7 +48,7 @@ def _epoch_seconds(config: RunConfig, shard: TensorDataset, private: bool) -> fl
     start = time.perf_counter()
     if private:
         ledger = PrivacyLedger.empty(PrivacyBudget(config.privacy.target_epsilon, config.privacy.target_delta), config.privacy.accountant)
-        ledger.plan_run(0, len(shard), config.training.batch_size, 1, config.federation.num_server_rounds)
+        ledger.plan_run("bench", len(shard), config.training.batch_size, 1, config.federation.num_server_rounds)
         one_epoch = dataclasses.replace(config, training=dataclasses.replace(config.training, local_epochs=1))
         start = time.perf_counter()  # noise planning is once per run, not per epoch
         dp_train(model, shard, ledger, one_epoch)

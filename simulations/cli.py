@@ -14,13 +14,19 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
 from simulations import audit_cli, bench, model_cli, plan, sweep, tls
 from simulations.presets import add_config_arguments, load_preset
+
+if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl plan` fast
+    from flwr.clientapp import ClientApp
+
+    from server.results import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +47,50 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     )
 
 
-def simulate(config: RunConfig) -> dict[str, Any]:
-    """Run one federated simulation in this process and return its summary."""
+def simulate(config: RunConfig, client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Run one federated simulation in this process and return its summary.
+
+    `client_app` replaces dpfl's own ClientApp (tests use it to bring in faulty clients).
+    """
+    from common.data import ensure_mnist, resolve_data_dir
+    from common.model import build_model
+    from server.results import RunDirectory
+
+    config = _absolute_paths(config)
+    ensure_mnist(resolve_data_dir(config.data.data_dir))  # fail before Ray starts, not inside it
+    initial = build_model(config.training.model, seed=config.seed).state_dict()
+    return _run_simulation(RunDirectory.create(config, initial, own_ledgers=True), client_app)
+
+
+def resume(path: Path, client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Continue an interrupted simulation from its run directory's last checkpoint."""
+    from common.data import ensure_mnist, resolve_data_dir
+    from server.results import RunDirectory
+
+    run_dir = RunDirectory.resume(path)
+    ensure_mnist(resolve_data_dir(run_dir.config.data.data_dir))
+    return _run_simulation(run_dir, client_app)
+
+
+def _run_simulation(run_dir: RunDirectory, client_app: ClientApp | None) -> dict[str, Any]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
-    from common.data import ensure_mnist, resolve_data_dir
+    from client.client_app import app as dpfl_client_app
     from server.federation import run_federation
 
-    config = _absolute_paths(config)
-    ensure_mnist(resolve_data_dir(config.data.data_dir))  # fail before Ray starts, not inside it
     summaries: list[dict[str, Any]] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summaries.append(run_federation(grid, config))
+        summaries.append(run_federation(grid, run_dir.config, run_dir))
 
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
-        num_supernodes=config.federation.num_clients,
+        client_app=client_app or dpfl_client_app,
+        num_supernodes=run_dir.config.federation.num_clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
@@ -77,8 +104,12 @@ def simulate(config: RunConfig) -> dict[str, Any]:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.privacy import describe_epsilon
 
-    config = load_preset(args.preset, args.set)
-    summary = simulate(config)
+    if args.resume is None:
+        summary = simulate(load_preset(args.preset, args.set))
+    elif args.preset is not None or args.set:
+        raise DpflError("--resume continues a run with the config it started with; drop --preset and --set")
+    else:
+        summary = resume(args.resume)
     accuracy = summary["test-accuracy"]
     log.info(
         "done: %d/%d rounds, test accuracy %s, epsilon %s (delta %.0e), %.1f s -> %s",
@@ -100,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a preset as an in-process Flower simulation")
     add_config_arguments(sim)
-    sim.set_defaults(handler=_cmd_simulate)
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last completed round, with its own config",
+    )
+    # No default preset here, so that `--resume` can tell whether one was asked for.
+    sim.set_defaults(handler=_cmd_simulate, preset=None)
     model_cli.add_commands(commands)
     tls.add_commands(commands)
     plan.add_commands(commands)

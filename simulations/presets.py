@@ -9,6 +9,7 @@ from common.config import RunConfig, load_toml, parse_overrides
 from common.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "mnist-eps2"
 
 
 def available_presets() -> list[str]:
@@ -31,9 +32,9 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
-    """A preset with `key=value` overrides applied, validated."""
-    values = load_toml(preset_path(name))
+def load_preset(name: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """A preset (the default one for None) with `key=value` overrides applied, validated."""
+    values = load_toml(preset_path(name or DEFAULT_PRESET))
     values.update(parse_overrides(overrides or []))
     return RunConfig.from_mapping(values)
 
@@ -42,7 +43,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--preset` and `--set`, the same for every command that takes a run config."""
     parser.add_argument(
         "--preset",
-        default="mnist-eps2",
+        default=DEFAULT_PRESET,
         help=f"preset name ({', '.join(available_presets())}) or path to a TOML file",
     )
     parser.add_argument(

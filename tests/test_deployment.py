@@ -620,7 +620,7 @@ def test_later_runs_continue_the_ledger_and_are_refused_past_the_lifetime_budget
     assert ledger["history"][0] == before[0]["history"][0]  # the lifetime record carried over
     (_, (new_sigma, new_rate, new_steps)) = ledger["history"]
     assert (new_rate, new_steps) == (rate, 20) and new_sigma > sigma
-    assert ledger["plan"]["run_id"] != before[0]["plan"]["run_id"]
+    assert ledger["plan"]["run"] != before[0]["plan"]["run"]
     assert before[0]["epsilon-spent"] < ledger["epsilon-spent"] <= BUDGET
     assert ledger["epsilon-spent"] == pytest.approx(ledger_epsilon(ledger), rel=1e-6)
     assert after_second[1]["history"] == before[1]["history"]  # refused: nothing spent

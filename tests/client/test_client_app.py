@@ -1,7 +1,11 @@
 """The ClientApp as Flower calls it: a train Message in, a reply Message out."""
 
+import dataclasses
+import math
+
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
@@ -43,3 +47,27 @@ def test_client_trains_then_refuses_once_its_budget_is_spent(tiny_config):
     assert ARRAYS_KEY not in reply.content  # no weights leave a client that did not train
     assert "privacy budget exhausted" in reply.content[REFUSAL_KEY]["reason"]
     assert 0 < reply.content[METRICS_KEY][EPSILON] <= tiny_config.privacy.target_epsilon
+
+
+def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_config):
+    """Under central DP with client-side clipping, Flower's fixedclipping_mod clips the update."""
+    central = dataclasses.replace(
+        tiny_config, privacy=dataclasses.replace(tiny_config.privacy, dp_mode="central", target_delta=0.1)
+    )
+    start = build_model("cnn", seed=0).state_dict()
+
+    def update_norm(message):
+        context = Context(
+            run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
+        )
+        reply = app(message, context)
+        assert not reply.has_error(), reply.error
+        assert math.isinf(reply.content[METRICS_KEY][EPSILON])  # no local noise: a non-private release
+        trained = reply.content[ARRAYS_KEY].to_torch_state_dict()
+        return math.sqrt(sum(float(((trained[name] - start[name]) ** 2).sum()) for name in start))
+
+    free = update_norm(train_message(central, 1))
+    asked = train_message(central, 1)
+    asked.content[CONFIG_KEY][KEY_CLIPPING_NORM] = 0.05
+    assert free > 0.05
+    assert update_norm(asked) == pytest.approx(0.05, rel=1e-4)

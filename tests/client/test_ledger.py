@@ -32,11 +32,11 @@ def with_privacy(config, **changes):
     return dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, **changes))
 
 
-def run_rounds(config, node, state, run_id, rounds, model_state=None):
+def run_rounds(config, node, state, run_key, rounds, model_state=None):
     model_state = model_state or build_model("cnn", seed=0).state_dict()
     outcomes = []
     for _ in range(rounds):
-        outcome = train_round(model_state, config, node, state, run_id)
+        outcome = train_round(model_state, config, node, state, run_key)
         model_state = outcome.state_dict or model_state
         outcomes.append(outcome)
     return outcomes
@@ -94,9 +94,9 @@ def test_node_budget_wins_over_the_run_proposal(tiny_config):
 
 def test_noise_is_planned_once_per_run():
     ledger = PrivacyLedger.empty(PrivacyBudget(4.0, 1e-5), "prv")
-    plan = ledger.plan_run(7, SHARD, BATCH, local_epochs=1, num_rounds=3)
+    plan = ledger.plan_run("run-7", SHARD, BATCH, local_epochs=1, num_rounds=3)
     assert plan.planned_steps == 3 * steps_per_epoch(SHARD, BATCH)
-    assert ledger.plan_run(7, SHARD, BATCH, local_epochs=2, num_rounds=9) is plan  # same run: kept
+    assert ledger.plan_run("run-7", SHARD, BATCH, local_epochs=2, num_rounds=9) is plan  # same run: kept
     assert ledger.epsilon == 0.0
     assert ledger.epsilon_after(plan.planned_steps) <= 4.0
     assert ledger.refusal(plan.planned_steps, plan.sample_rate) is None
@@ -107,33 +107,33 @@ def test_noise_is_planned_once_per_run():
 def test_a_second_run_continues_from_the_spent_epsilon_until_the_lifetime_budget_is_gone(tiny_config, tmp_path):
     config = with_privacy(tiny_config, ledger_dir=str(tmp_path / "ledgers"))
     node = NodeConfig(partition_id=0, num_partitions=2)
-    first = run_rounds(config, node, RecordDict(), run_id=1, rounds=1)  # spends part of the budget
+    first = run_rounds(config, node, RecordDict(), run_key="run-1", rounds=1)  # spends part of the budget
     # A new run (fresh Flower state, same ledger directory) re-plans against what is left ...
-    second = run_rounds(config, node, RecordDict(), run_id=2, rounds=3)
+    second = run_rounds(config, node, RecordDict(), run_key="run-2", rounds=3)
     assert first[0].epsilon < second[0].epsilon < second[-1].epsilon <= config.privacy.target_epsilon
     saved = json.loads(next((tmp_path / "ledgers" / "client-0").glob("privacy-ledger-*.json")).read_text())
-    assert saved["plan"]["run_id"] == 2 and len(saved["history"]) == 2  # two noise levels, one lifetime
+    assert saved["plan"]["run"] == "run-2" and len(saved["history"]) == 2  # two noise levels, one lifetime
     assert second[-1].epsilon == pytest.approx(
         independent_epsilon("prv", [tuple(entry) for entry in saved["history"]], 1e-5), rel=1e-9
     )
     # ... and once the lifetime budget is spent, a third run is refused outright.
-    (third,) = run_rounds(config, node, RecordDict(), run_id=3, rounds=1)
+    (third,) = run_rounds(config, node, RecordDict(), run_key="run-3", rounds=1)
     assert "nothing is left for this run" in third.refusal
     assert third.epsilon == pytest.approx(second[-1].epsilon)
 
 
 def test_ledger_survives_a_restart_and_is_keyed_by_dataset(tiny_config, tmp_path):
     node = NodeConfig(partition_id=0, num_partitions=2, ledger_dir=str(tmp_path))
-    (before_kill,) = run_rounds(tiny_config, node, RecordDict(), run_id=5, rounds=1)
+    (before_kill,) = run_rounds(tiny_config, node, RecordDict(), run_key="run-5", rounds=1)
     # The restarted SuperNode has an empty Flower state but finds its file and keeps its plan.
-    (after_restart,) = run_rounds(tiny_config, node, RecordDict(), run_id=5, rounds=1)
+    (after_restart,) = run_rounds(tiny_config, node, RecordDict(), run_key="run-5", rounds=1)
     assert after_restart.epsilon > before_kill.epsilon
     shard = client_shard(tiny_config.data, tiny_config.seed, 0, 2, Path(tiny_config.data.data_dir))
     files = list(tmp_path.glob("privacy-ledger-*.json"))
     assert [f.name for f in files] == [f"privacy-ledger-{dataset_key(*shard.tensors)}.json"]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     other = NodeConfig(partition_id=1, num_partitions=2, ledger_dir=str(tmp_path))
-    run_rounds(tiny_config, other, RecordDict(), run_id=5, rounds=1)
+    run_rounds(tiny_config, other, RecordDict(), run_key="run-5", rounds=1)
     assert len(list(tmp_path.glob("privacy-ledger-*.json"))) == 2  # other data, other ledger
 
 
@@ -142,3 +142,16 @@ def test_unreadable_ledger_is_a_clear_error(tmp_path):
     (tmp_path / "privacy-ledger-abc.json").write_text("{not json")
     with pytest.raises(Exception, match="privacy ledger is unreadable .*restore it from a backup"):
         store.load(PrivacyBudget(1.0, 1e-5), "prv")
+
+
+def test_format_2_ledgers_still_read_with_their_spent_history(tmp_path):
+    ledger = PrivacyLedger.empty(PrivacyBudget(4.0, 1e-5), "prv")
+    ledger.plan_run("41", SHARD, BATCH, local_epochs=1, num_rounds=3)
+    ledger.accountant.step(noise_multiplier=ledger.plan.noise_multiplier, sample_rate=ledger.plan.sample_rate)
+    old = json.loads(ledger.to_json())
+    old["format"] = 2
+    old["plan"]["run_id"] = 41  # format 2 keyed the plan by Flower's numeric run id
+    del old["plan"]["run"]
+    restored = PrivacyLedger.from_json(json.dumps(old), PrivacyBudget(4.0, 1e-5), "prv")
+    assert restored.plan == ledger.plan
+    assert restored.epsilon == pytest.approx(ledger.epsilon, rel=1e-12)
