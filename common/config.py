@@ -25,7 +25,7 @@ from common.errors import ConfigError
 #: Number of images in the MNIST training set; the most samples any run can shard.
 TRAIN_SET_SIZE = 60_000
 
-Value = int | float | str
+Value = bool | int | float | str
 
 
 def _option(
@@ -138,6 +138,47 @@ class PrivacyConfig:
     )
 
 
+#: SecAgg+ masks with integers modulo 2**32 (Flower's `modulus_range`); the masked sum of the
+#: round's quantised updates must stay below it.
+SECAGG_MODULUS = 2**32
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+: the server learns only the weighted sum of the clients' models.
+
+    Fractions, as Flower's `SecAggPlusWorkflow` reads a float, so one setting fits any number
+    of clients per round. SecAgg+ quantises the full model parameters after clipping them to
+    +-secagg-clipping-range; the default is several times the largest weight of the trained CNN.
+    """
+
+    secure_aggregation: bool = _option(
+        False, "aggregate with SecAgg+, so the server sees only the sum of the clients' models"
+    )
+    secagg_num_shares: float = _option(
+        1.0,
+        "SecAgg+ neighbourhood: fraction of the round's clients each client secret-shares its "
+        "keys with (1 = all, classic SecAgg)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    secagg_reconstruction_threshold: float = _option(
+        0.67,
+        "fraction of a client's shares needed to rebuild its masks; higher is safer against a "
+        "colluding server, lower tolerates more clients dropping out",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    secagg_clipping_range: float = _option(
+        8.0, "model parameters are clipped to +-this before quantisation", low=0.0, low_open=True
+    )
+    secagg_quantization_range: int = _option(
+        2**22, "integer levels a parameter is quantised to (precision: 2*clipping/this)", low=2
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs; the resolved form is saved as `config.toml`."""
@@ -149,6 +190,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -252,9 +294,9 @@ def _instantiate(cls: type, nested: dict[str, Any]) -> Any:
 
 
 def _leaf_type(leaf: dataclasses.Field) -> type:
-    """The scalar type of a field annotated `int`, `float`, `str` or `float | None`."""
+    """The scalar type of a field annotated `bool`, `int`, `float`, `str` or `float | None`."""
     annotation = str(leaf.type)
-    for name, typ in (("int", int), ("float", float), ("str", str)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if annotation.startswith(name):
             return typ
     raise TypeError(f"unsupported config annotation {annotation}")
@@ -264,6 +306,8 @@ def _describe(leaf: dataclasses.Field, typ: type) -> str:
     meta = leaf.metadata
     if meta["choices"]:
         return "one of: " + ", ".join(meta["choices"])
+    if typ is bool:
+        return "true or false"
     kind = "an integer" if typ is int else "a number" if typ is float else "a string"
     if meta["allow_inf"]:
         kind += " (or inf)"
@@ -285,6 +329,12 @@ def _coerce(key: str, raw: Any, leaf: dataclasses.Field) -> Value | None:
     def bad() -> ConfigError:
         return ConfigError(f"{key} = {raw!r} is invalid: must be {allowed}")
 
+    if typ is bool:
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        if not isinstance(raw, bool):
+            raise bad()
+        return raw
     if isinstance(raw, bool):
         raise bad()
     if typ is str:
@@ -339,6 +389,31 @@ def _check_run(config: RunConfig) -> None:
             "(non-private training); set one or the other"
         )
     check_delta(privacy.target_delta, examples // clients)
+    _check_secure_aggregation(config)
+
+
+def clients_per_round(federation: FederationConfig) -> int:
+    """How many clients the server samples each round (Flower's FedAvg rule)."""
+    return max(1, math.floor(federation.fraction_train * federation.num_clients))
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """SecAgg+ needs two clients to hide one among, and a masked sum that cannot wrap around."""
+    if not config.secagg.secure_aggregation:
+        return
+    sampled = clients_per_round(config.federation)
+    if sampled < 2:
+        raise ConfigError(
+            f"secure-aggregation = true is invalid with {sampled} client per round (num-clients = "
+            f"{config.federation.num_clients}, fraction-train = {config.federation.fraction_train:g}): "
+            "a sum over one client is that client's model; sample at least 2"
+        )
+    levels = config.secagg.secagg_quantization_range
+    if sampled * levels >= SECAGG_MODULUS:
+        raise ConfigError(
+            f"secagg-quantization-range = {levels} is invalid: the masked sum of {sampled} clients "
+            f"would wrap around the 2**32 modulus; must be at most {(SECAGG_MODULUS - 1) // sampled}"
+        )
 
 
 def check_delta(delta: float, shard_size: int) -> None:
