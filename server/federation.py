@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 import math
 import random
+from functools import partial
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
+from common.config import RunConfig, clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
 from common.privacy import describe_epsilon
 from server.plots import plot_label_distribution, plot_run
 from server.results import RoundRow, RunDirectory
+from server.secure_aggregation import run_secure_aggregation
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
     strategy = LedgerAwareFedAvg(
         fraction_train=federation.fraction_train,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test set
-        min_train_nodes=max(1, math.floor(federation.fraction_train * federation.num_clients)),
+        min_train_nodes=clients_per_round(federation),
         min_available_nodes=federation.num_clients,
         min_trained_clients=federation.min_train_clients,
     )
@@ -76,8 +78,10 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, Any]:
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     stop_reason = None
+    # SecAgg+ runs the same rounds through Flower's legacy workflow, booked by the same strategy.
+    start = partial(run_secure_aggregation, config, strategy) if config.secagg.secure_aggregation else strategy.start
     try:
-        strategy.start(
+        start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=federation.num_server_rounds,

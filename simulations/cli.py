@@ -14,13 +14,16 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
 from simulations import audit_cli, bench, model_cli, plan, sweep, tls
 from simulations.presets import add_config_arguments, load_preset
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,16 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     )
 
 
-def simulate(config: RunConfig) -> dict[str, Any]:
-    """Run one federated simulation in this process and return its summary."""
+def simulate(config: RunConfig, client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Run one federated simulation in this process and return its summary.
+
+    `client_app` replaces dpfl's own ClientApp, for tests that instrument or break clients.
+    """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import app as dpfl_client_app
     from common.data import ensure_mnist, resolve_data_dir
     from server.federation import run_federation
 
@@ -62,7 +68,7 @@ def simulate(config: RunConfig) -> dict[str, Any]:
 
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=client_app or dpfl_client_app,
         num_supernodes=config.federation.num_clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
