@@ -25,7 +25,7 @@ from common.errors import ConfigError
 #: Number of images in the MNIST training set; the most samples any run can shard.
 TRAIN_SET_SIZE = 60_000
 
-Value = int | float | str
+Value = bool | int | float | str
 
 
 def _option(
@@ -160,6 +160,47 @@ class PrivacyConfig:
     )
 
 
+#: SecAgg+ masks with integers modulo 2**32 (Flower's `modulus_range`); the masked sum of the
+#: round's quantised updates must stay below it.
+SECAGG_MODULUS = 2**32
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+: the server learns only the weighted sum of the clients' models.
+
+    Fractions, as Flower's `SecAggPlusWorkflow` reads a float, so one setting fits any number
+    of clients per round. SecAgg+ quantises the full model parameters after clipping them to
+    +-secagg-clipping-range; the default is several times the largest weight of the trained CNN.
+    """
+
+    secure_aggregation: bool = _option(
+        False, "aggregate with SecAgg+, so the server sees only the sum of the clients' models"
+    )
+    secagg_num_shares: float = _option(
+        1.0,
+        "SecAgg+ neighbourhood: fraction of the round's clients each client secret-shares its "
+        "keys with (1 = all, classic SecAgg)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    secagg_reconstruction_threshold: float = _option(
+        0.67,
+        "fraction of a client's shares needed to rebuild its masks; higher is safer against a "
+        "colluding server, lower tolerates more clients dropping out",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    secagg_clipping_range: float = _option(
+        8.0, "model parameters are clipped to +-this before quantisation", low=0.0, low_open=True
+    )
+    secagg_quantization_range: int = _option(
+        2**22, "integer levels a parameter is quantised to (precision: 2*clipping/this)", low=2
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs; the resolved form is saved as `config.toml`."""
@@ -171,6 +212,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -274,9 +316,9 @@ def _instantiate(cls: type, nested: dict[str, Any]) -> Any:
 
 
 def _leaf_type(leaf: dataclasses.Field) -> type:
-    """The scalar type of a field annotated `int`, `float`, `str` or `float | None`."""
+    """The scalar type of a field annotated `bool`, `int`, `float`, `str` or `float | None`."""
     annotation = str(leaf.type)
-    for name, typ in (("int", int), ("float", float), ("str", str)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if annotation.startswith(name):
             return typ
     raise TypeError(f"unsupported config annotation {annotation}")
@@ -286,6 +328,8 @@ def _describe(leaf: dataclasses.Field, typ: type) -> str:
     meta = leaf.metadata
     if meta["choices"]:
         return "one of: " + ", ".join(meta["choices"])
+    if typ is bool:
+        return "true or false"
     kind = "an integer" if typ is int else "a number" if typ is float else "a string"
     if meta["allow_inf"]:
         kind += " (or inf)"
@@ -307,6 +351,12 @@ def _coerce(key: str, raw: Any, leaf: dataclasses.Field) -> Value | None:
     def bad() -> ConfigError:
         return ConfigError(f"{key} = {raw!r} is invalid: must be {allowed}")
 
+    if typ is bool:
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        if not isinstance(raw, bool):
+            raise bad()
+        return raw
     if isinstance(raw, bool):
         raise bad()
     if typ is str:
@@ -364,6 +414,7 @@ def _check_run(config: RunConfig) -> None:
         _check_central(privacy, clients)
     else:
         check_delta(privacy.target_delta, examples // clients)
+    _check_secure_aggregation(config)
 
 
 def _check_central(privacy: PrivacyConfig, clients: int) -> None:
@@ -384,6 +435,35 @@ def _check_central(privacy: PrivacyConfig, clients: int) -> None:
             f"target-delta = {privacy.target_delta:g} is invalid with dp-mode = central: it must "
             f"be below 1/num-clients = {1 / clients:.3g}, or a run could publish a whole "
             "client's update in the clear and still meet it; lower target-delta"
+        )
+
+
+def clients_per_round(federation: FederationConfig) -> int:
+    """How many clients the server samples each round (Flower's FedAvg rule)."""
+    return max(1, math.floor(federation.fraction_train * federation.num_clients))
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """SecAgg+ needs two clients to hide one among, and a masked sum that cannot wrap around."""
+    if not config.secagg.secure_aggregation:
+        return
+    if config.privacy.dp_mode == "central":
+        raise ConfigError(
+            "secure-aggregation = true cannot be combined with dp-mode = central: Flower's "
+            "central-DP wrappers and SecAgg+ run on different workflows; use dp-mode = local"
+        )
+    sampled = clients_per_round(config.federation)
+    if sampled < 2:
+        raise ConfigError(
+            f"secure-aggregation = true is invalid with {sampled} client per round (num-clients = "
+            f"{config.federation.num_clients}, fraction-train = {config.federation.fraction_train:g}): "
+            "a sum over one client is that client's model; sample at least 2"
+        )
+    levels = config.secagg.secagg_quantization_range
+    if sampled * levels >= SECAGG_MODULUS:
+        raise ConfigError(
+            f"secagg-quantization-range = {levels} is invalid: the masked sum of {sampled} clients "
+            f"would wrap around the 2**32 modulus; must be at most {(SECAGG_MODULUS - 1) // sampled}"
         )
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import math
 import random
+from functools import partial
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
+from common.config import RunConfig, clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
@@ -23,6 +24,7 @@ from common.protocol import RUN_KEY
 from server.central_dp import central_dp
 from server.plots import plot_label_distribution, plot_run
 from server.results import RoundRow, RunDirectory
+from server.secure_aggregation import run_secure_aggregation
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None =
     federation = config.federation
     central = config.privacy.dp_mode == "central"
     last = run_dir.rows[-1] if run_dir.rows and not central else None
-    sampled = max(1, math.floor(federation.fraction_train * federation.num_clients))
+    sampled = clients_per_round(federation)
     strategy = LedgerAwareFedAvg(
         spent_epsilon=last.epsilon if last else 0.0,
         spent_delta=last.delta if last else 0.0,
@@ -105,9 +107,11 @@ def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None =
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     stop_reason = None
+    # SecAgg+ runs the same rounds through Flower's legacy workflow, booked by the same strategy.
+    start = partial(run_secure_aggregation, config, strategy) if config.secagg.secure_aggregation else started.start
     try:
         if done < federation.num_server_rounds:
-            started.start(
+            start(
                 grid=grid,
                 initial_arrays=ArrayRecord(model.state_dict()),
                 num_rounds=federation.num_server_rounds - done,

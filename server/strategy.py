@@ -142,12 +142,17 @@ class LedgerAwareFedAvg(FedAvg):
     def delta(self) -> float:
         return max([self.spent_delta, *self.delta_by_node.values()])
 
+    def begin_round(self, arrays: ArrayRecord, connected_nodes: set[int]) -> None:
+        """Fix what this round's replies are checked against; every workflow calls it before sending."""
+        self.connected_nodes = connected_nodes
+        self.global_arrays = arrays
+        self.last_round = TrainRound()  # a round that aggregates nothing leaves it so
+        self._rejected = 0
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.connected_nodes = set(grid.get_node_ids())
-        self.global_arrays = arrays
-        self._rejected = 0
+        self.begin_round(arrays, set(grid.get_node_ids()))
         return super().configure_train(server_round, arrays, config, grid)
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:

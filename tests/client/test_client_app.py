@@ -1,10 +1,14 @@
-"""The ClientApp as Flower calls it: a train Message in, a reply Message out."""
+"""The ClientApp as Flower calls it: a train Message in, a reply Message out, plain or SecAgg+."""
 
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -71,3 +75,51 @@ def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_c
     asked.content[CONFIG_KEY][KEY_CLIPPING_NORM] = 0.05
     assert free > 0.05
     assert update_norm(asked) == pytest.approx(0.05, rel=1e-4)
+
+
+def fit_message(config, arrays):
+    """A legacy fit instruction, as Flower's SecAgg+ workflow sends it at the masking stage."""
+    fit_ins = FitIns(ndarrays_to_parameters(arrays), config.to_flat())
+    return Message(compat.fitins_to_recorddict(fit_ins, keep_input=True), dst_node_id=5, message_type="train")
+
+
+def test_client_answers_secagg_fit_instructions_with_the_same_training(tiny_config):
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+    arrays = [tensor.numpy() for tensor in build_model("cnn", seed=0).state_dict().values()]
+    for _ in range(tiny_config.federation.num_server_rounds):
+        fit_res = compat.recorddict_to_fitres(app(fit_message(tiny_config, arrays), context).content, True)
+        assert fit_res.num_examples == 300 and REFUSAL_KEY not in fit_res.metrics
+        trained = parameters_to_ndarrays(fit_res.parameters)
+        assert [a.shape for a in trained] == [a.shape for a in arrays]
+        assert any(not np.array_equal(new, old) for new, old in zip(trained, arrays))
+
+    fit_res = compat.recorddict_to_fitres(app(fit_message(tiny_config, arrays), context).content, True)
+    # A refusal still delivers a vector to mask, but one that adds nothing: zeros, weight zero.
+    assert fit_res.num_examples == 0
+    assert not any(a.any() for a in parameters_to_ndarrays(fit_res.parameters))
+    assert "privacy budget exhausted" in fit_res.metrics[REFUSAL_KEY]
+    assert 0 < fit_res.metrics[EPSILON] <= tiny_config.privacy.target_epsilon
+
+
+def test_secagg_stage_messages_are_answered_by_flowers_mod():
+    setup = ConfigRecord(
+        {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: 2,
+            Key.SHARE_NUMBER: 2,
+            Key.THRESHOLD: 2,
+            Key.CLIPPING_RANGE: 8.0,
+            Key.TARGET_RANGE: 2**22,
+            Key.MOD_RANGE: 2**32,
+            Key.MAX_WEIGHT: 1000.0,
+        }
+    )
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    reply = app(Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=5, message_type="train"), context)
+    assert {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2} <= set(reply.content.config_records[RECORD_KEY_CONFIGS])

@@ -32,6 +32,14 @@ def test_string_overrides_are_typed():
     assert config.privacy.target_epsilon == 1.5
     assert config.federation.num_server_rounds == 4
     assert config.privacy.accountant == "rdp"
+    assert load_preset("smoke", ["secure-aggregation=true"]).secagg.secure_aggregation is True
+    assert load_preset("smoke", ["secure-aggregation=False"]).secagg.secure_aggregation is False
+
+
+def test_secure_aggregation_is_off_by_default_and_checked_only_when_on():
+    assert RunConfig().secagg.secure_aggregation is False
+    # One client per round is fine without SecAgg+; the quantisation settings are then unused.
+    assert RunConfig.from_mapping({"num-clients": 1, "secagg-quantization-range": 2**31}).federation.num_clients == 1
 
 
 @pytest.mark.parametrize(
@@ -56,6 +64,27 @@ def test_string_overrides_are_typed():
         ({"model": 3}, "model = 3 is invalid: must be one of: cnn"),
         ({"target-epsilom": 2.0}, "unknown config key 'target-epsilom'; known keys:"),
         ({"min-train-clients": 11}, "min-train-clients = 11 is invalid: more than num-clients = 10"),
+        ({"secure-aggregation": "yes"}, "secure-aggregation = 'yes' is invalid: must be true or false"),
+        ({"secure-aggregation": 1}, "secure-aggregation = 1 is invalid: must be true or false"),
+        ({"secagg-num-shares": 0}, "secagg-num-shares = 0 is invalid: must be a number in (0, 1]"),
+        ({"secagg-num-shares": 3}, "secagg-num-shares = 3 is invalid: must be a number in (0, 1]"),
+        ({"secagg-reconstruction-threshold": 1.5}, "secagg-reconstruction-threshold = 1.5 is invalid: must be a number in (0, 1]"),
+        ({"secagg-clipping-range": 0}, "secagg-clipping-range = 0 is invalid: must be a number > 0"),
+        ({"secagg-quantization-range": 1}, "secagg-quantization-range = 1 is invalid: must be an integer >= 2"),
+        ({"secagg-quantization-range": "2**22"}, "secagg-quantization-range = '2**22' is invalid: must be an integer >= 2"),
+        (
+            {"secure-aggregation": True, "num-clients": 1},
+            "secure-aggregation = true is invalid with 1 client per round (num-clients = 1, fraction-train = 1)",
+        ),
+        (
+            {"secure-aggregation": True, "fraction-train": 0.1},
+            "secure-aggregation = true is invalid with 1 client per round (num-clients = 10, fraction-train = 0.1)",
+        ),
+        (
+            {"secure-aggregation": True, "secagg-quantization-range": 2**30},
+            "secagg-quantization-range = 1073741824 is invalid: the masked sum of 10 clients would wrap "
+            "around the 2**32 modulus; must be at most 429496729",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_range(values, expected):

@@ -35,6 +35,9 @@ BAD_VALUES = [
     ("partitioner", '"shards"'), ("dirichlet-alpha", "0"), ("train-subset", "-1"), ("batch-size", "0"),
     ("learning-rate", "0"), ("momentum", "1.0"), ("model", '"resnet"'), ("seed", "-1"),
     ("data-dir", "42"), ("name", "1979-05-27T07:32:00Z"), ("target-epsilon-typo", "2.0"),
+    ("secure-aggregation", '"yes"'), ("secure-aggregation", "1"), ("secagg-num-shares", "0"),
+    ("secagg-reconstruction-threshold", "2.0"), ("secagg-clipping-range", "-8.0"),
+    ("secagg-quantization-range", "1.5"),
 ]
 
 
