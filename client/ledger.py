@@ -17,15 +17,18 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import IAccountant, create_accountant
 
 from common.config import NodeConfig, RunConfig
 from common.errors import DpflError
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
 from common.storage import atomic_write
+
+if TYPE_CHECKING:  # Flower loads only where a ledger is stored, not where it only plans (`dpfl plan`)
+    from flwr.app import RecordDict
 
 LEDGER_FORMAT = 3
 #: Format 2 keyed the plan by Flower's numeric run id; its plans read as that id in text.
@@ -234,6 +237,8 @@ class LedgerStore:
         return PrivacyLedger.from_json(text, budget, accountant)
 
     def save(self, ledger: PrivacyLedger) -> None:
+        from flwr.app import ConfigRecord  # see the TYPE_CHECKING import above
+
         text = ledger.to_json()
         self.state[self.key] = ConfigRecord({"json": text})
         if self.path is not None:

@@ -1,15 +1,18 @@
 """`dpfl audit`: attack a run's final model and put what the attack proves next to the guarantee.
 
-`add_commands` registers the command on the `dpfl` parser; the work lives in `server.audit`.
+`add_commands` registers the command on the `dpfl` parser; the work lives in `server.audit`,
+imported only when the command runs: it loads torch and Opacus, which would otherwise slow
+every other command's start-up (`dpfl plan` above all).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.privacy import describe_epsilon
-from server.audit import AUDIT_FILE, CONFIDENCE, AuditReport, audit_run
+if TYPE_CHECKING:
+    from server.audit import AuditReport
 
 READING = (
     "The lower bound is what this attack proves about the model, the accountant's epsilon is "
@@ -36,6 +39,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from server.audit import AUDIT_FILE, audit_run
+
     report = audit_run(args.run_dir, args.data_dir)
     print(
         f"loss-threshold membership inference on {args.run_dir} "
@@ -50,6 +55,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _rows(report: AuditReport) -> list[tuple[str, str]]:
     """The table's (label, value) pairs, labels padded so the values start in one column."""
+    from common.privacy import describe_epsilon
+    from server.audit import CONFIDENCE
+
     rows = [("attack AUC", f"{report.auc:.3f}")]
     rows += [
         (f"TPR at {100 * level:g}% FPR", f"{tpr:.3f}") for level, tpr in report.tpr_at_fpr.items()

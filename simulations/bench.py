@@ -1,4 +1,5 @@
-"""`dpfl bench`: the utility and speed figures of a preset, measured, printed and saved as JSON.
+"""`dpfl bench`'s measurements: the utility and speed figures of a preset (printed and saved by
+`simulations.bench_cli`).
 
 Targets (issue #4): test accuracy >= 98% at epsilon = 2 for 10 IID clients (>= 95% with
 Dirichlet(0.5) label skew), the whole run <= 5 minutes, one DP-SGD epoch <= 1.3x the same
@@ -8,14 +9,11 @@ Every figure is printed with its ratio to the target; nothing here asserts.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +27,7 @@ from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model
-from simulations.presets import add_config_arguments, load_preset
+from simulations.presets import load_preset
 
 log = logging.getLogger(__name__)
 
@@ -126,32 +124,3 @@ def bench(preset: str, overrides: list[str]) -> dict[str, Any]:
         for name, (target, kind) in TARGETS.items()
     }
     return figures
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    overrides = list(args.set)
-    if args.quick:
-        overrides = ["num-server-rounds=2", "train-subset=6000", "local-epochs=1", "batch-size=100", *overrides]
-    figures = bench(args.preset, overrides)
-    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
-    print(f"{'figure':<24} {'measured':>10} {'target':>10} {'ratio':>7}  met")
-    for name, target in figures["targets"].items():
-        bound = ">=" if target["kind"] == "min" else "<="
-        print(f"{name:<24} {figures[name]:>10.4g} {bound + format(target['target'], 'g'):>10} {target['ratio']:>7.2f}  {'yes' if target['met'] else 'NO'}")
-    print(
-        f"(plain epoch {figures['plain-epoch-seconds']:.2f} s, DP epoch {figures['dp-epoch-seconds']:.2f} s; "
-        f"without Flower {figures['local-run-seconds']:.1f} s, accuracy {100 * figures['local-accuracy']:.2f}%)"
-    )
-    print(f"-> {out}")
-    return 0
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `dpfl bench` on the `dpfl` parser."""
-    cmd = commands.add_parser("bench", help="measure accuracy, run time, DP and Flower overheads against the targets")
-    add_config_arguments(cmd)
-    cmd.add_argument("--quick", action="store_true", help="2 rounds on 6000 images: a smoke check of the bench itself")
-    cmd.add_argument("--out", help="directory for the JSON (default: the preset's output-dir)")
-    cmd.set_defaults(handler=_cmd_bench)

@@ -1,12 +1,11 @@
-"""`dpfl plan`: what a config will cost in privacy, per client, before any training.
+"""`dpfl plan`'s figures: what a config will cost in privacy, per client, before any training.
 
 The figures come from the client's own ledger code (`client.ledger.PrivacyLedger`), so the
-plan is what the clients will do, not a second model of it.
+plan is what the clients will do, not a second model of it. `simulations.plan_cli` prints them.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 
@@ -14,8 +13,6 @@ from client.ledger import PrivacyBudget, PrivacyLedger
 from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir, shard_indices
 from common.model import build_model
-from common.privacy import describe_epsilon
-from simulations.presets import add_config_arguments, load_preset
 
 #: Warn when the noise added to a step's summed gradient is this many times larger than the
 #: largest signal a full batch can contribute (sigma * sqrt(parameters) / batch size).
@@ -53,7 +50,7 @@ def _plan_group(config: RunConfig, ids: list[int], size: int, parameters: int) -
     rounds = config.federation.num_server_rounds
     ledger = PrivacyLedger.empty(PrivacyBudget(privacy.target_epsilon, privacy.target_delta), privacy.accountant)
     noise_plan = ledger.plan_run(
-        0, size, training.batch_size, training.local_epochs, rounds, privacy.noise_multiplier
+        "plan", size, training.batch_size, training.local_epochs, rounds, privacy.noise_multiplier
     )
     steps = noise_plan.steps_per_round
     epsilons = [ledger.epsilon_after(k * steps) for k in range(1, rounds + 1)]
@@ -73,35 +70,3 @@ def _plan_group(config: RunConfig, ids: list[int], size: int, parameters: int) -
             f"{over[0] - 1}; rounds {over[0]}-{rounds} will be refused"
         )
     return ClientPlan(ids, size, noise_plan.sample_rate, steps, noise_plan.noise_multiplier, epsilons, warnings)
-
-
-def _ids(ids: list[int]) -> str:
-    return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    config = load_preset(args.preset, args.set)
-    privacy = config.privacy
-    print(
-        f"{config.name}: {config.federation.num_clients} clients, "
-        f"{config.federation.num_server_rounds} rounds, budget epsilon = "
-        f"{describe_epsilon(privacy.target_epsilon)}, delta = {privacy.target_delta:g}, "
-        f"accountant {privacy.accountant}"
-    )
-    print(f"{'clients':>9} {'shard':>6} {'rate':>8} {'steps/round':>11} {'sigma':>8}  epsilon after each round")
-    for group in plan(config):
-        epsilons = " ".join(describe_epsilon(e).split()[0] for e in group.epsilon_by_round)
-        print(
-            f"{_ids(group.partition_ids):>9} {group.shard_size:>6} {group.sample_rate:>8.4f} "
-            f"{group.steps_per_round:>11} {group.noise_multiplier:>8.3f}  {epsilons}"
-        )
-        for warning in group.warnings:
-            print(f"  warning (clients {_ids(group.partition_ids)}): {warning}")
-    return 0
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `dpfl plan` on the `dpfl` parser."""
-    cmd = commands.add_parser("plan", help="show each client's noise and epsilon per round, without training")
-    add_config_arguments(cmd)
-    cmd.set_defaults(handler=_cmd_plan)

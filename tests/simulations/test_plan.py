@@ -65,3 +65,16 @@ def test_plan_command_prints_the_table():
     )
     assert result.returncode == 0, result.stderr
     assert "steps/round" in result.stdout and "0-1" in result.stdout
+
+
+def test_plan_start_up_loads_only_what_planning_needs():
+    # `dpfl plan` must stay under 3 s (issue #6): the CLI loads no heavy library before the
+    # command runs (so plan_cli's garbage-collector pause covers torch and Opacus), and
+    # planning never loads Flower.
+    probe = (
+        "import sys, simulations.cli; early = {'torch', 'opacus', 'flwr'} & set(sys.modules); "
+        "import simulations.plan; print(sorted(early), 'flwr' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "False"]
