@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
 from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, resolve_data_dir
-from common.model import build_model
+from common.model import build_model, split
 from common.privacy import sample_rate, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def train_round(
     budget = budget_for(run, node)
     if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
         check_delta(budget.delta, len(shard))
-    store = LedgerStore(state, ledger_dir(run, node), dataset_key(*shard.tensors))
+    data_key = dataset_key(*shard.tensors)
+    store = LedgerStore(state, ledger_dir(run, node), data_key)
     ledger = store.load(budget, run.privacy.accountant)
     batch_size = run.training.batch_size
     ledger.plan_run(
@@ -94,9 +96,32 @@ def train_round(
 
     model = build_model(run.training.model)
     model.load_state_dict(global_state)
-    loss = dp_train(model, shard, ledger, run)
+    trainable, inputs = _training_inputs(model, shard, data_key)
+    loss = dp_train(trainable, inputs, ledger, run)
     store.save(ledger)
     return RoundOutcome(model.state_dict(), len(shard), loss, ledger.epsilon, ledger.budget.delta)
+
+
+#: Fixed-feature inputs of recently trained shards, kept per process up to this many bytes:
+#: a simulated client's Ray actor trains many rounds, and a shard's ScatterNet features take
+#: seconds to compute but never change.
+INPUT_CACHE_BYTES = 2 * 2**30
+_input_cache: OrderedDict[tuple[str, str], TensorDataset] = OrderedDict()
+
+
+def _training_inputs(model: nn.Module, shard: TensorDataset, key: str) -> tuple[nn.Module, TensorDataset]:
+    """What DP-SGD trains and on what: the model on the shard, or its head on cached features."""
+    trainable, transform = split(model)
+    if transform is None:
+        return trainable, shard
+    cache_key = (type(model).__name__, key)
+    if cache_key not in _input_cache:
+        images, labels = shard.tensors
+        _input_cache[cache_key] = TensorDataset(transform(images), labels)
+        while len(_input_cache) > 1 and sum(d.tensors[0].nbytes for d in _input_cache.values()) > INPUT_CACHE_BYTES:
+            _input_cache.popitem(last=False)
+    _input_cache.move_to_end(cache_key)
+    return trainable, _input_cache[cache_key]
 
 
 def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run: RunConfig) -> float:

@@ -96,7 +96,11 @@ class DataConfig:
 class TrainingConfig:
     """Local DP-SGD on each client."""
 
-    model: str = _option("cnn", "model architecture", choices=("cnn",))
+    model: str = _option(
+        "cnn",
+        "model architecture: cnn (small tanh CNN) or scatnet (fixed ScatterNet features + linear)",
+        choices=("cnn", "scatnet"),
+    )
     batch_size: int = _option(
         600, "expected batch size (Poisson sampling draws each example with rate B/n)", low=1
     )

@@ -33,7 +33,7 @@ from torch import nn
 from common.config import RunConfig, load_toml
 from common.data import MEAN, STD
 from common.errors import DpflError
-from common.model import build_model
+from common.model import build_model, split
 from server.results import CONFIG_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,12 @@ def export_model(
     """Write TorchScript (and ONNX where available) beside the model or into `out_dir`; measure."""
     path = model_path(source)
     model = load_model(path)
+    if split(model)[1] is not None:
+        raise DpflError(
+            f"{path} is a {type(model).__name__} model, whose fixed front-end (kymatio's scattering, "
+            "a custom autograd function) neither TorchScript nor ONNX can capture; serve model.pt "
+            "with `dpfl predict` instead"
+        )
     out = (out_dir or path.parent).resolve()
     out.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)

@@ -14,11 +14,12 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from torch.utils.data import TensorDataset
 
 from common.config import RunConfig, clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
-from common.model import build_model
+from common.model import build_model, split
 from common.privacy import describe_epsilon
 from common.protocol import RUN_KEY
 from server.central_dp import central_dp
@@ -45,6 +46,9 @@ def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None =
     random.seed(config.seed + done)  # Flower samples clients with the `random` module
     data_dir = resolve_data_dir(config.data.data_dir)
     test_set = load_mnist(data_dir, train=False)
+    evaluated, transform = split(model)  # a fixed front-end runs once over the test set, not every round
+    if transform is not None:
+        test_set = TensorDataset(transform(test_set.tensors[0]), test_set.tensors[1])
     if not done:
         plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation
@@ -75,7 +79,7 @@ def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None =
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test_set)
+        loss, accuracy = evaluate(evaluated, test_set)
         if server_round > 0:
             epsilon, delta = privacy_spent()
             row = RoundRow(

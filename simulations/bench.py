@@ -26,7 +26,7 @@ from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir
 from common.evaluation import evaluate
-from common.model import build_model
+from common.model import build_model, split
 from simulations.presets import load_preset
 
 log = logging.getLogger(__name__)
@@ -40,19 +40,19 @@ TARGETS = {
 }
 
 
-def _epoch_seconds(config: RunConfig, shard: TensorDataset, private: bool) -> float:
-    """Wall time of one local epoch over `shard`, with Opacus DP-SGD or plain SGD."""
-    model = build_model(config.training.model, seed=config.seed)
+def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> float:
+    """Wall time of one local epoch over `inputs`, with Opacus DP-SGD or plain SGD."""
+    model, _ = split(build_model(config.training.model, seed=config.seed))
     start = time.perf_counter()
     if private:
         ledger = PrivacyLedger.empty(PrivacyBudget(config.privacy.target_epsilon, config.privacy.target_delta), config.privacy.accountant)
-        ledger.plan_run("bench", len(shard), config.training.batch_size, 1, config.federation.num_server_rounds)
+        ledger.plan_run("bench", len(inputs), config.training.batch_size, 1, config.federation.num_server_rounds)
         one_epoch = dataclasses.replace(config, training=dataclasses.replace(config.training, local_epochs=1))
         start = time.perf_counter()  # noise planning is once per run, not per epoch
-        dp_train(model, shard, ledger, one_epoch)
+        dp_train(model, inputs, ledger, one_epoch)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate)
-        for images, labels in DataLoader(shard, batch_size=config.training.batch_size, shuffle=True):
+        for images, labels in DataLoader(inputs, batch_size=config.training.batch_size, shuffle=True):
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
@@ -60,9 +60,16 @@ def _epoch_seconds(config: RunConfig, shard: TensorDataset, private: bool) -> fl
 
 
 def dp_overhead(config: RunConfig, repeats: int = 3) -> dict[str, float]:
-    """One epoch over client 0's shard with and without DP, interleaved, same threads."""
+    """One epoch over client 0's shard with and without DP, interleaved, same threads.
+
+    A model with a fixed front-end (ScatterNet) trains on its features in both, computed
+    once beforehand, as clients do.
+    """
     data_dir = resolve_data_dir(config.data.data_dir)
     shard = client_shard(config.data, config.seed, 0, config.federation.num_clients, data_dir)
+    _, transform = split(build_model(config.training.model))
+    if transform is not None:
+        shard = TensorDataset(transform(shard.tensors[0]), shard.tensors[1])
     plain, private = [], []
     for _ in range(repeats):
         plain.append(_epoch_seconds(config, shard, private=False))
@@ -80,12 +87,15 @@ def run_without_flower(config: RunConfig) -> dict[str, float]:
     data_dir = resolve_data_dir(config.data.data_dir)
     test_set = load_mnist(data_dir, train=False)
     model = build_model(config.training.model, seed=config.seed)
+    evaluated, transform = split(model)
+    if transform is not None:
+        test_set = TensorDataset(transform(test_set.tensors[0]), test_set.tensors[1])
     clients = config.federation.num_clients
     states = [RecordDict() for _ in range(clients)]
     accuracy = 0.0
     for _ in range(config.federation.num_server_rounds):
         outcomes = [
-            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), states[i], 0)
+            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), states[i], "bench")
             for i in range(clients)
         ]
         trained = [o for o in outcomes if o.state_dict is not None]
@@ -93,7 +103,7 @@ def run_without_flower(config: RunConfig) -> dict[str, float]:
         model.load_state_dict(
             {k: sum(o.state_dict[k] * (o.num_examples / total) for o in trained) for k in model.state_dict()}
         )
-        _, accuracy = evaluate(model, test_set)
+        _, accuracy = evaluate(evaluated, test_set)
     return {"seconds": time.perf_counter() - start, "test-accuracy": accuracy}
 
 

@@ -155,3 +155,24 @@ def test_format_2_ledgers_still_read_with_their_spent_history(tmp_path):
     restored = PrivacyLedger.from_json(json.dumps(old), PrivacyBudget(4.0, 1e-5), "prv")
     assert restored.plan == ledger.plan
     assert restored.epsilon == pytest.approx(ledger.epsilon, rel=1e-12)
+
+
+def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(tiny_config, monkeypatch):
+    from client import training
+
+    scatnet = dataclasses.replace(tiny_config, training=dataclasses.replace(tiny_config.training, model="scatnet"))
+    node = NodeConfig(partition_id=0, num_partitions=2)
+    calls = []
+    real = training.split
+
+    def counting_split(model):
+        trainable, transform = real(model)
+        return trainable, (lambda images: calls.append(len(images)) or transform(images)) if transform else None
+
+    monkeypatch.setattr(training, "split", counting_split)
+    monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
+    state = RecordDict()
+    outcomes = run_rounds(scatnet, node, state, run_key="scat", rounds=2, model_state=build_model("scatnet").state_dict())
+    assert calls == [SHARD]  # the shard's features, computed in round 1 and reused in round 2
+    assert set(outcomes[-1].state_dict) == {"head.2.weight", "head.2.bias"}
+    assert outcomes[0].epsilon < outcomes[1].epsilon <= scatnet.privacy.target_epsilon

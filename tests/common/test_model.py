@@ -1,7 +1,7 @@
 import torch
 from opacus.validators import ModuleValidator
 
-from common.model import MODELS, build_model
+from common.model import MODELS, build_model, split
 
 
 def test_every_model_is_opacus_compatible():
@@ -14,3 +14,16 @@ def test_every_model_is_opacus_compatible():
 def test_seeded_models_start_identical():
     a, b = build_model("cnn", seed=3), build_model("cnn", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_scatnet_trains_only_its_head_on_fixed_features():
+    model = build_model("scatnet", seed=0)
+    trainable, transform = split(model)
+    assert trainable is model.head and split(build_model("cnn"))[1] is None
+    # Only the linear classifier is state: the scattering filters never travel or get averaged.
+    assert sum(t.numel() for t in model.state_dict().values()) == 81 * 7 * 7 * 10 + 10
+    images = torch.randn(4, 1, 28, 28)
+    features = transform(images)
+    assert features.shape == (4, 81, 7, 7) and not features.requires_grad
+    assert torch.equal(features, transform(images))  # fixed: no parameters, no randomness
+    assert torch.allclose(model(images), trainable(features))

@@ -18,7 +18,7 @@ from torchvision.datasets import MNIST
 from common.data import load_mnist
 from common.errors import DpflError
 from common.model import build_model
-from server.export import ONNX_FILE, TORCHSCRIPT_FILE, load_image, load_torchscript
+from server.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model, load_image, load_torchscript
 from server.results import CONFIG_FILE, MODEL_FILE
 from simulations.model_cli import add_commands
 
@@ -208,3 +208,12 @@ def test_user_errors_are_one_line(model, image, expected, trained, tmp_path):
 def test_export_refuses_a_torchscript_file(trained, export_output):
     with pytest.raises(DpflError, match="already a TorchScript export"):
         run_cli("export", trained[0] / TORCHSCRIPT_FILE)
+
+
+def test_export_explains_why_a_scatnet_model_cannot_be_compiled(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('model = "scatnet"\n')
+    torch.save(build_model("scatnet").state_dict(), run / "model.pt")
+    with pytest.raises(DpflError, match="neither TorchScript nor ONNX can capture; serve model.pt with `dpfl predict`"):
+        export_model(run)
