@@ -12,12 +12,42 @@ import json
 import time
 from pathlib import Path
 
+from common.errors import ConfigError
 from simulations.presets import add_config_arguments, load_preset
+
+
+#: Scale runs: every client trains each round over the same 60,000 images, so what grows
+#: with the client count is orchestration, not training.
+SCALE_OVERRIDES = ["num-server-rounds=1", "local-epochs=1", "batch-size=30"]
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from simulations.scale import scale
+
+    try:
+        counts = [int(n) for n in args.scale.split(",")]
+    except ValueError:
+        raise ConfigError(f"--scale {args.scale!r} is invalid: give client counts like 10,100,1000") from None
+    overrides = [*SCALE_OVERRIDES, *args.set]
+    rows = scale(args.preset, overrides, counts)
+    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"preset": args.preset, "overrides": overrides, "runs": rows}, indent=2))
+    print(f"{'clients':>8} {'shard':>6} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'processes':>9} {'accuracy':>9}")
+    for row in rows:
+        print(
+            f"{row['clients']:>8} {row['shard-size']:>6} {row['seconds']:>8.1f} {row['peak-rss-mib']:>13.0f} "
+            f"{row['peak-pss-mib']:>13.0f} {row['processes']:>9} {100 * row['test-accuracy']:>8.2f}%"
+        )
+    print(f"-> {out}")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import bench
 
+    if args.scale:
+        return _cmd_scale(args)
     overrides = list(args.set)
     if args.quick:
         overrides = ["num-server-rounds=2", "train-subset=6000", "local-epochs=1", "batch-size=100", *overrides]
@@ -42,5 +72,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser("bench", help="measure accuracy, run time, DP and Flower overheads against the targets")
     add_config_arguments(cmd)
     cmd.add_argument("--quick", action="store_true", help="2 rounds on 6000 images: a smoke check of the bench itself")
+    cmd.add_argument(
+        "--scale",
+        metavar="N,N,...",
+        help="instead: time and peak memory of a short simulation at each client count, e.g. 10,100,1000",
+    )
     cmd.add_argument("--out", help="directory for the JSON (default: the preset's output-dir)")
     cmd.set_defaults(handler=_cmd_bench)
