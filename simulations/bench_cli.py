@@ -21,6 +21,14 @@ from simulations.presets import add_config_arguments, load_preset
 SCALE_OVERRIDES = ["num-server-rounds=1", "local-epochs=1", "batch-size=30"]
 
 
+def _save_json(args: argparse.Namespace, overrides: list[str], kind: str, figures: object) -> Path:
+    """`<--out or output-dir>/<kind>-<timestamp>.json`, so every measurement is kept."""
+    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    return out
+
+
 def _cmd_scale(args: argparse.Namespace) -> int:
     from simulations.scale import scale
 
@@ -30,9 +38,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         raise ConfigError(f"--scale {args.scale!r} is invalid: give client counts like 10,100,1000") from None
     overrides = [*SCALE_OVERRIDES, *args.set]
     rows = scale(args.preset, overrides, counts)
-    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "overrides": overrides, "runs": rows}, indent=2))
+    out = _save_json(args, overrides, "scale", {"preset": args.preset, "overrides": overrides, "runs": rows})
     print(f"{'clients':>8} {'shard':>6} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'processes':>9} {'accuracy':>9}")
     for row in rows:
         print(
@@ -52,9 +58,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         overrides = ["num-server-rounds=2", "train-subset=6000", "local-epochs=1", "batch-size=100", *overrides]
     figures = bench(args.preset, overrides)
-    out = Path(args.out or load_preset(args.preset, overrides).output_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
+    out = _save_json(args, overrides, "bench", figures)
     print(f"{'figure':<24} {'measured':>10} {'target':>10} {'ratio':>7}  met")
     for name, target in figures["targets"].items():
         bound = ">=" if target["kind"] == "min" else "<="

@@ -22,6 +22,13 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
+def client_context():
+    """Client 0 of 2, as a fresh SuperNode sees itself."""
+    return Context(
+        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
+    )
+
+
 def train_message(config, server_round):
     record = RecordDict(
         {
@@ -33,13 +40,7 @@ def train_message(config, server_round):
 
 
 def test_client_trains_then_refuses_once_its_budget_is_spent(tiny_config):
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = client_context()
     rounds = tiny_config.federation.num_server_rounds
     for server_round in range(1, rounds + 1):
         reply = app(train_message(tiny_config, server_round), context)
@@ -61,10 +62,7 @@ def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_c
     start = build_model("cnn", seed=0).state_dict()
 
     def update_norm(message):
-        context = Context(
-            run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
-        )
-        reply = app(message, context)
+        reply = app(message, client_context())
         assert not reply.has_error(), reply.error
         assert math.isinf(reply.content[METRICS_KEY][EPSILON])  # no local noise: a non-private release
         trained = reply.content[ARRAYS_KEY].to_torch_state_dict()
@@ -84,13 +82,7 @@ def fit_message(config, arrays):
 
 
 def test_client_answers_secagg_fit_instructions_with_the_same_training(tiny_config):
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = client_context()
     arrays = [tensor.numpy() for tensor in build_model("cnn", seed=0).state_dict().values()]
     for _ in range(tiny_config.federation.num_server_rounds):
         fit_res = compat.recorddict_to_fitres(app(fit_message(tiny_config, arrays), context).content, True)

@@ -5,8 +5,9 @@ import pytest
 from simulations.cli import simulate
 from simulations.presets import load_preset
 
-# Issue #3's bar for the default run: at least 95% test accuracy with every client at epsilon <= 2.
-ACCURACY_FLOOR = 0.95
+# Issue #4's floor for the default run: at least 96.5% test accuracy with every client at epsilon <= 2
+# (measured 97.76% through Flower and 97.93% in-process; the goal is 98%).
+ACCURACY_FLOOR = 0.965
 
 
 @pytest.mark.slow
