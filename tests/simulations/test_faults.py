@@ -37,7 +37,7 @@ def faulty_train(msg: Message, context: Context) -> Message:
     if partition == CRASH:
         raise RuntimeError("simulated client crash mid-round")
     if partition == SLOW:
-        time.sleep(ROUND_TIMEOUT + 10)
+        time.sleep(ROUND_TIMEOUT + 60)  # far past the timeout, so the two cannot be confused
     reply = dpfl_train(msg, context)
     if partition == POISON:
         weights = reply.content[ARRAYS_KEY].to_torch_state_dict()
@@ -68,11 +68,10 @@ def test_crashed_and_poisoned_clients_leave_the_round_to_the_sound_one(tmp_path,
 
 @pytest.mark.slow
 def test_a_client_past_the_round_timeout_does_not_stall_the_round(tmp_path):
-    started = time.monotonic()
     summary, rows = run(tmp_path, "num-clients=4", "num-server-rounds=1", f"round-timeout={ROUND_TIMEOUT}")
     assert summary["rounds-completed"] == 1
     assert rows[0]["clients-trained"] == 1 and rows[0]["test-accuracy"] > 0.3
-    assert rows[0]["seconds"] < ROUND_TIMEOUT + 20  # the round closed at the timeout
+    assert rows[0]["seconds"] < ROUND_TIMEOUT + 40  # closed at the timeout, long before the late reply
 
 
 def test_rounds_below_min_train_clients_are_skipped_not_hung(tmp_path, caplog):
