@@ -138,7 +138,8 @@ class PrivacyConfig:
     ledger_dir: str = _option(
         "",
         "simulated clients keep their ledgers in <ledger-dir>/client-<partition-id>/, so "
-        "spent budget carries over to later runs; empty keeps them in the run directory",
+        "spent budget carries over to later runs; empty: dpfl simulate keeps them in the run "
+        "directory, flwr run in each SuperNode's memory",
     )
     dp_mode: str = _option(
         "local",
