@@ -17,12 +17,12 @@ import torch
 from flwr.app import RecordDict
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
 from common.config import NodeConfig, RunConfig, check_delta
-from common.data import client_shard, resolve_data_dir
+from common.data import client_shard, resolve_data_dir, tensor_loader
 from common.model import build_model, split
 from common.privacy import sample_rate, steps_per_epoch
 
@@ -131,23 +131,29 @@ def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run:
     counts steps into the ledger's own accountant, restored from earlier rounds, so epsilon
     keeps accumulating across rounds. Sampling and noise are deliberately not seeded from
     the config: noise that the server could regenerate from a known seed protects nothing.
+
+    Clipping is Opacus' ghost clipping (`grad_sample_mode="ghost"`): it gets each example's
+    gradient norm without materialising the per-sample gradients, then backpropagates the
+    loss reweighted by the clipping factors. Same flat clipping and noise as the hooks mode,
+    at a fraction of the cost (bench: about 10x faster on the ScatterNet head).
     """
     training = run.training
-    loader = DataLoader(shard, batch_size=training.batch_size)
+    loader = tensor_loader(shard, batch_size=training.batch_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=training.learning_rate, momentum=training.momentum
     )
     engine = PrivacyEngine(accountant=ledger.accountant.mechanism())
     engine.accountant = ledger.accountant
-    private_model, optimizer, private_loader = engine.make_private(
+    private_model, optimizer, criterion, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
         data_loader=loader,
         noise_multiplier=ledger.plan.noise_multiplier,
         max_grad_norm=run.privacy.max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode="ghost",
     )
-    criterion = nn.CrossEntropyLoss()
     private_model.train()
     losses = []
     epochs = tqdm(

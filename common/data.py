@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import DataConfig
 from common.errors import DataError
@@ -90,6 +90,30 @@ def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
     dataset = MNIST(str(data_dir), train=train, download=False)
     images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
     return TensorDataset(images, dataset.targets.clone())
+
+
+class _BatchIndexed(TensorDataset):
+    """A TensorDataset that DataLoader reads a whole batch at a time (`__getitems__`)."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _already_collated(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
+def tensor_loader(dataset: TensorDataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    """A DataLoader over in-memory tensors that gathers each batch with one index per tensor.
+
+    The default loader fetches examples one by one and stacks them, which costs more than
+    a DP-SGD step on cached ScatterNet features. Opacus' Poisson sampler keeps this
+    loader's dataset and collate function, so private training gets the same fast path.
+    """
+    return DataLoader(
+        _BatchIndexed(*dataset.tensors), batch_size=batch_size, shuffle=shuffle, collate_fn=_already_collated
+    )
 
 
 def load_labels(data_dir: Path, train: bool = True) -> torch.Tensor:

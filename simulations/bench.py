@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from client.ledger import PrivacyBudget, PrivacyLedger
 from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
-from common.data import client_shard, load_mnist, resolve_data_dir
+from common.data import client_shard, load_mnist, resolve_data_dir, tensor_loader
 from common.evaluation import evaluate
 from common.model import build_model, split
 from simulations.presets import load_preset
@@ -52,7 +52,7 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
         dp_train(model, inputs, ledger, one_epoch)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate)
-        for images, labels in DataLoader(inputs, batch_size=config.training.batch_size, shuffle=True):
+        for images, labels in tensor_loader(inputs, batch_size=config.training.batch_size, shuffle=True):
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()

@@ -1,0 +1,52 @@
+"""DP-SGD as wired in `dp_train`: ghost clipping must clip exactly like per-sample clipping."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.ledger import PrivacyBudget, PrivacyLedger
+from client.training import dp_train
+
+
+def clipped_mean_gradient(model: nn.Module, data: TensorDataset, clip: float) -> list[torch.Tensor]:
+    """The textbook DP-SGD gradient without noise: the mean of per-example gradients clipped to `clip`."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, x, y):
+        logits = torch.func.functional_call(model, p, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
+
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, *data.tensors)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()))
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", factors, per_example[name]) / len(factors) for name in params]
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_one_step_equals_the_clipped_mean_of_per_example_gradients(tiny_config, clip):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 20), torch.randint(0, 10, (64,)))
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    expected = clipped_mean_gradient(model, data, clip)
+
+    # One step over the whole set (sampling rate 1, so Poisson sampling takes every example)
+    # and no noise (an infinite budget): what is left is the clipping.
+    run = dataclasses.replace(
+        tiny_config,
+        training=dataclasses.replace(tiny_config.training, batch_size=len(data), local_epochs=1, learning_rate=1.0, momentum=0.0),
+        privacy=dataclasses.replace(tiny_config.privacy, max_grad_norm=clip),
+    )
+    ledger = PrivacyLedger.empty(PrivacyBudget(math.inf, 1e-5), "prv")
+    ledger.plan_run("test", len(data), len(data), 1, 1)
+    dp_train(model, data, ledger, run)
+
+    for old, new, gradient in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(old - new.detach(), gradient, rtol=1e-4, atol=1e-6)
+    if clip < 1:  # the bound binds: the update is the mean of vectors of norm <= clip
+        step = torch.sqrt(sum((old - new.detach()).pow(2).sum() for old, new in zip(before, model.parameters())))
+        assert step <= clip + 1e-6
