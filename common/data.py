@@ -1,9 +1,9 @@
 """MNIST from a local data directory, as in-memory tensors, cut into client shards.
 
 The four raw idx files are read through torchvision's `MNIST` dataset (torchvision layout:
-`<data-dir>/MNIST/raw/*-ubyte`). Images are normalised once into a float tensor: DP-SGD
-touches every example many times, and decoding PIL images per sample would dominate a
-CPU run. Where the files are missing we try torchvision's download once and, if that
+`<data-dir>/MNIST/raw/*-ubyte`). A shard's images are normalised once into a float
+tensor: DP-SGD touches every example many times, and decoding PIL images per sample would
+dominate a CPU run. Where the files are missing we try torchvision's download once and, if that
 fails, say exactly which files to put where.
 """
 
@@ -79,25 +79,40 @@ def _check_idx_file(path: Path, ndim: int) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
-    """The MNIST training or test set as normalised (N, 1, 28, 28) images and labels.
+def _raw_mnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MNIST training or test set as (N, 1, 28, 28) uint8 images and labels.
 
     Cached per process: a simulated client process serves many rounds and many clients.
+    Bytes, not floats, are kept: the float training set is four times larger (188 MB),
+    and every simulated client process would hold it for a shard of a few thousand images.
     """
     from torchvision.datasets import MNIST
 
     ensure_mnist(data_dir)
     dataset = MNIST(str(data_dir), train=train, download=False)
-    images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
-    return TensorDataset(images, dataset.targets.clone())
+    return dataset.data.unsqueeze(1), dataset.targets
+
+
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0).sub_(MEAN).div_(STD)
+
+
+def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
+    """The MNIST training or test set as normalised (N, 1, 28, 28) float images and labels."""
+    images, labels = _raw_mnist(data_dir, train)
+    return TensorDataset(_normalised(images), labels.clone())
 
 
 class _BatchIndexed(TensorDataset):
-    """A TensorDataset that DataLoader reads a whole batch at a time (`__getitems__`)."""
+    """A TensorDataset that DataLoader reads a whole batch at a time (`__getitems__`).
+
+    Floating tensors may be stored compactly (cached features are kept in half precision);
+    batches always come out in float32, the precision models train in.
+    """
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return tuple(tensor[index] for tensor in self.tensors)
+        return tuple(t[index].float() if t.is_floating_point() else t[index] for t in self.tensors)
 
 
 def _already_collated(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -128,10 +143,9 @@ def client_shard(
     config: DataConfig, seed: int, partition_id: int, num_partitions: int, data_dir: Path
 ) -> TensorDataset:
     """The training shard of one client: disjoint from every other client's for the same seed."""
-    train = load_mnist(data_dir, train=True)
-    indices = shard_indices(train.tensors[1], config, seed, num_partitions)[partition_id]
-    index = torch.from_numpy(indices)
-    return TensorDataset(train.tensors[0][index], train.tensors[1][index])
+    images, labels = _raw_mnist(data_dir, train=True)
+    index = torch.from_numpy(shard_indices(labels, config, seed, num_partitions)[partition_id])
+    return TensorDataset(_normalised(images[index]), labels[index])
 
 
 def shard_indices(

@@ -68,8 +68,12 @@ class ScatterNet(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def fixed_input(images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-        """The scattering features of `images` (N, 1, 28, 28) -> (N, 81, 7, 7)."""
+    def fixed_input(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The scattering features of `images` (N, 1, 28, 28) -> (N, 81, 7, 7).
+
+        In batches: the transform's complex intermediates take about 100x the input, so a
+        batch of 2000 images peaks near 0.5 GB in every process that computes features.
+        """
         scattering = _scattering()
         return torch.cat(
             [scattering(images[i : i + batch_size]).flatten(1, 2) for i in range(0, len(images), batch_size)]

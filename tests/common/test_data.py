@@ -3,9 +3,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from common.config import DataConfig
-from common.data import RAW_FILES, client_shard, ensure_mnist, load_mnist, shard_indices
+from common.data import RAW_FILES, client_shard, ensure_mnist, load_mnist, shard_indices, tensor_loader
 from common.errors import DataError
 
 
@@ -78,3 +79,24 @@ def test_truncated_file_is_reported(data_dir, tmp_path):
     labels_file.write_bytes(b"not an idx file at all")
     with pytest.raises(DataError, match="is not an MNIST idx file"):
         ensure_mnist(tmp_path)
+
+
+def test_client_shard_equals_the_normalised_training_images_it_indexes(data_dir):
+    config = DataConfig()
+    shard = client_shard(config, seed=3, partition_id=1, num_partitions=4, data_dir=data_dir)
+    index = torch.from_numpy(shard_indices(load_mnist(data_dir, train=True).tensors[1], config, 3, 4)[1])
+    train = load_mnist(data_dir, train=True)
+    assert torch.equal(shard.tensors[0], train.tensors[0][index])
+    assert torch.equal(shard.tensors[1], train.tensors[1][index])
+
+
+def test_tensor_loader_yields_every_example_once_as_float32_batches():
+    features = torch.arange(50, dtype=torch.float32).reshape(25, 2)
+    labels = torch.arange(25)
+    stored = TensorDataset(features.half(), labels)  # compact storage, as the feature cache keeps it
+    batches = list(tensor_loader(stored, batch_size=10, shuffle=True))
+    assert [len(y) for _, y in batches] == [10, 10, 5]
+    assert all(x.dtype == torch.float32 and y.dtype == torch.int64 for x, y in batches)
+    x, y = (torch.cat(parts) for parts in zip(*batches))
+    order = torch.argsort(y)
+    assert torch.equal(y[order], labels) and torch.equal(x[order], features)
