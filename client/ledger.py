@@ -24,7 +24,7 @@ from opacus.accountants import IAccountant, create_accountant
 
 from common.config import NodeConfig, RunConfig
 from common.errors import DpflError
-from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.privacy import accountant_epsilon, plan_noise_multiplier, sample_rate, steps_per_epoch
 from common.storage import atomic_write
 
 if TYPE_CHECKING:  # Flower loads only where a ledger is stored, not where it only plans (`dpfl plan`)
@@ -76,7 +76,7 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Cumulative epsilon of everything this client has released so far (inf once non-private)."""
-        return _epsilon(self.accountant, self.budget.delta)
+        return accountant_epsilon(self.accountant, self.budget.delta)
 
     def plan_run(
         self,
@@ -125,7 +125,7 @@ class PrivacyLedger:
         preview = copy.deepcopy(self.accountant)
         for _ in range(steps):
             preview.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
-        return _epsilon(preview, self.budget.delta)
+        return accountant_epsilon(preview, self.budget.delta)
 
     def refusal(self, steps: int, rate: float) -> str | None:
         """Why a round of `steps` steps at sampling rate `rate` must be refused, or None."""
@@ -186,15 +186,6 @@ class PrivacyLedger:
         restored = create_accountant(accountant)
         restored.load_state_dict({"history": history, "mechanism": restored.mechanism()})
         return cls(budget, restored, plan)
-
-
-def _epsilon(accountant: IAccountant, delta: float) -> float:
-    """An accountant's epsilon; infinite once any step ran without noise (non-private)."""
-    if not accountant.history:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in accountant.history):
-        return math.inf
-    return float(accountant.get_epsilon(delta=delta))
 
 
 def dataset_key(images: torch.Tensor, labels: torch.Tensor) -> str:

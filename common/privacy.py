@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import math
 
-from opacus.accountants import create_accountant
+import numpy as np
+
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 EPSILON_TOLERANCE = 0.01  # as Opacus' get_noise_multiplier
@@ -29,6 +31,27 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def sample_rate(num_examples: int, batch_size: int) -> float:
     """Poisson sampling rate, exactly as `opacus.data_loader.DPDataLoader` derives it."""
     return 1 / steps_per_epoch(num_examples, batch_size)
+
+
+def accountant_epsilon(accountant: IAccountant, delta: float) -> float:
+    """An accountant's epsilon at `delta`; 0 before any step, infinite once any step ran without noise."""
+    history = tuple((float(sigma), float(rate), int(steps)) for sigma, rate, steps in accountant.history)
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    return _history_epsilon(accountant.mechanism(), history, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _history_epsilon(mechanism: str, history: History, delta: float) -> float:
+    # A pure function of the history, and a full PRV evaluation takes about half a second.
+    # A client checks, saves and reports the same history each round, and clients with
+    # equal shards in one process share theirs: with 1,000 clients this was most of the run.
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1, harmlessly
+        return float(accountant.get_epsilon(delta=delta))
 
 
 @functools.lru_cache(maxsize=64)

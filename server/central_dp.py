@@ -13,7 +13,6 @@ accountant the config names. Flower's own accountant is not used: it requires pl
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -27,6 +26,7 @@ from flwr.serverapp.strategy import (
 from opacus.accountants import create_accountant
 
 from common.config import PrivacyConfig
+from common.privacy import accountant_epsilon
 from common.protocol import ARRAYS_KEY
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 
@@ -66,22 +66,14 @@ class ClientLevelAccountant:
 
     @property
     def epsilon(self) -> float:
-        return self._epsilon(self.accountant)
+        return accountant_epsilon(self.accountant, self.delta)
 
     def epsilon_after_full_release(self) -> float:
         """The epsilon once one more release over all m sampled clients is made."""
         preview = create_accountant(self.accountant.mechanism())
         preview.history = self.history
         preview.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0)
-        return self._epsilon(preview)
-
-    def _epsilon(self, accountant) -> float:
-        if not accountant.history:
-            return 0.0
-        if any(sigma == 0 for sigma, _, _ in accountant.history):
-            return math.inf
-        with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1, harmlessly
-            return float(accountant.get_epsilon(delta=self.delta))
+        return accountant_epsilon(preview, self.delta)
 
 
 class _ScreenAndAccount:
