@@ -90,6 +90,13 @@ class DataConfig:
     train_subset: int = _option(
         0, "use only this many training images (0 = all 60000)", low=0, high=TRAIN_SET_SIZE
     )
+    validation_size: int = _option(
+        0,
+        "training images held out of every shard for tuning (`dpfl tune` evaluates on them); "
+        "0 = none",
+        low=0,
+        high=TRAIN_SET_SIZE,
+    )
 
 
 @dataclass(frozen=True)
@@ -231,8 +238,8 @@ class RunConfig:
         return {key: value for key, value, _ in _walk(self)}
 
     def total_train_examples(self) -> int:
-        """How many training images are split among the clients."""
-        return self.data.train_subset or TRAIN_SET_SIZE
+        """How many training images are split among the clients (held-out validation excluded)."""
+        return self.data.train_subset or TRAIN_SET_SIZE - self.data.validation_size
 
 
 @dataclass(frozen=True)
@@ -399,6 +406,14 @@ def _check_run(config: RunConfig) -> None:
     """Checks that involve more than one key."""
     examples = config.total_train_examples()
     clients = config.federation.num_clients
+    left = TRAIN_SET_SIZE - config.data.validation_size
+    if left < max(config.data.train_subset, 1):
+        raise ConfigError(
+            f"validation-size = {config.data.validation_size} is invalid: it leaves {left} of the "
+            f"{TRAIN_SET_SIZE} training images to train on"
+            + (f", fewer than train-subset = {config.data.train_subset}" if config.data.train_subset else "")
+            + "; lower it"
+        )
     if config.federation.min_train_clients > clients:
         raise ConfigError(
             f"min-train-clients = {config.federation.min_train_clients} is invalid: more than "

@@ -32,6 +32,7 @@ RAW_FILES = {
     "t10k-labels-idx1-ubyte": 1,
 }
 MEAN, STD = 0.1307, 0.3081
+VALIDATION_SEED = 20211  # fixed: the held-out images must not move with a run's seed
 DATA_DIR_ENV = "DPFL_DATA_DIR"
 
 
@@ -154,9 +155,27 @@ def shard_indices(
     """Indices into the training set for every client, deterministic from the seed."""
     rng = np.random.default_rng(seed)
     pool = np.arange(len(labels))
+    if config.validation_size:
+        pool = np.setdiff1d(pool, validation_indices(len(labels), config))
     if config.train_subset:
         pool = np.sort(rng.permutation(pool)[: config.train_subset])
     parts = partition_indices(
         labels.numpy()[pool], num_partitions, config.partitioner, config.dirichlet_alpha, rng
     )
     return [pool[part] for part in parts]
+
+
+def validation_indices(num_examples: int, config: DataConfig) -> np.ndarray:
+    """The `validation-size` training images that no client trains on.
+
+    The same images whatever the run's seed, so that candidates tuned with several seeds
+    are scored on one set that none of them trained on.
+    """
+    return np.sort(np.random.default_rng(VALIDATION_SEED).permutation(num_examples)[: config.validation_size])
+
+
+def load_validation(config: DataConfig, data_dir: Path) -> TensorDataset:
+    """The held-out validation images: what hyper-parameter search may look at instead of the test set."""
+    images, labels = _raw_mnist(data_dir, train=True)
+    index = torch.from_numpy(validation_indices(len(labels), config))
+    return TensorDataset(_normalised(images[index]), labels[index])

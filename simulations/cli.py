@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations import audit_cli, bench_cli, model_cli, plan_cli, sweep, tls
+from simulations import audit_cli, bench_cli, model_cli, plan_cli, sweep, tls, tune
 from simulations.presets import add_config_arguments, load_preset
 
 if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl plan` fast
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_commands(commands)
     audit_cli.add_commands(commands)
     bench_cli.add_commands(commands)
+    tune.add_commands(commands)
     return parser
 
 
