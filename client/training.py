@@ -6,12 +6,15 @@ know nothing about Messages, so they can be called and tested directly.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import sys
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import RecordDict
@@ -25,6 +28,7 @@ from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, resolve_data_dir, tensor_loader
 from common.model import build_model, split
 from common.privacy import sample_rate, steps_per_epoch
+from common.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ def train_round(
 
     model = build_model(run.training.model)
     model.load_state_dict(global_state)
-    trainable, inputs = _training_inputs(model, shard, data_key)
+    trainable, inputs = _training_inputs(model, shard, data_key, ledger_dir(run, node))
     loss = dp_train(trainable, inputs, ledger, run)
     store.save(ledger)
     return RoundOutcome(model.state_dict(), len(shard), loss, ledger.epsilon, ledger.budget.delta)
@@ -110,19 +114,48 @@ INPUT_CACHE_BYTES = 2 * 2**30
 _input_cache: OrderedDict[tuple[str, str], TensorDataset] = OrderedDict()
 
 
-def _training_inputs(model: nn.Module, shard: TensorDataset, key: str) -> tuple[nn.Module, TensorDataset]:
-    """What DP-SGD trains and on what: the model on the shard, or its head on cached features."""
+def _training_inputs(
+    model: nn.Module, shard: TensorDataset, key: str, state_dir: str
+) -> tuple[nn.Module, TensorDataset]:
+    """What DP-SGD trains and on what: the model on the shard, or its head on cached features.
+
+    Features are also kept in the client's state directory (next to its ledger), when it has
+    one: Flower's simulation hands a client to whichever Ray actor is free, and an actor that
+    has not seen the client before reads them back instead of spending seconds recomputing.
+    """
     trainable, transform = split(model)
     if transform is None:
         return trainable, shard
     cache_key = (type(model).__name__, key)
     if cache_key not in _input_cache:
         images, labels = shard.tensors
-        _input_cache[cache_key] = TensorDataset(transform(images).half(), labels)
+        path = Path(state_dir) / f"features-{type(model).__name__.lower()}-{key}.pt" if state_dir else None
+        features = _stored_features(path, len(labels))
+        if features is None:
+            start = time.perf_counter()
+            features = transform(images).half()
+            log.info("fixed features of %d images computed in %.1f s", len(labels), time.perf_counter() - start)
+            if path is not None:
+                buffer = io.BytesIO()
+                torch.save(features, buffer)
+                atomic_write(path, buffer.getvalue())
+        _input_cache[cache_key] = TensorDataset(features, labels)
         while len(_input_cache) > 1 and sum(d.tensors[0].nbytes for d in _input_cache.values()) > INPUT_CACHE_BYTES:
             _input_cache.popitem(last=False)
     _input_cache.move_to_end(cache_key)
     return trainable, _input_cache[cache_key]
+
+
+def _stored_features(path: Path | None, count: int) -> torch.Tensor | None:
+    """Features saved by an earlier round, or None if absent or unreadable (then they are recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        features = torch.load(path, weights_only=True)
+    except Exception as err:  # a damaged cache file is not an error: recompute and overwrite it
+        log.warning("ignoring unreadable feature cache %s (%s)", path, err)
+        return None
+    return features if isinstance(features, torch.Tensor) and len(features) == count else None
 
 
 def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run: RunConfig) -> float:

@@ -99,7 +99,18 @@ def _run_simulation(run_dir: RunDirectory, client_app: ClientApp | None) -> dict
     )
     if not summaries:
         raise DpflError("the simulation ended without a result; see the Flower log above")
+    _drop_feature_caches(run_dir.config.privacy.ledger_dir)
     return summaries[0]
+
+
+def _drop_feature_caches(ledger_dir: str) -> None:
+    """Remove the clients' cached fixed features once a run has finished: results stay, caches go.
+
+    An interrupted run keeps them, so that `--resume` need not recompute them.
+    """
+    if ledger_dir:
+        for path in Path(ledger_dir).glob("client-*/features-*.pt"):
+            path.unlink(missing_ok=True)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -176,3 +176,30 @@ def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(tiny_co
     assert calls == [SHARD]  # the shard's features, computed in round 1 and reused in round 2
     assert set(outcomes[-1].state_dict) == {"head.2.weight", "head.2.bias"}
     assert outcomes[0].epsilon < outcomes[1].epsilon <= scatnet.privacy.target_epsilon
+
+
+def test_another_process_reads_the_features_back_from_the_clients_state_directory(tiny_config, tmp_path, monkeypatch):
+    from client import training
+
+    scatnet = dataclasses.replace(
+        tiny_config,
+        training=dataclasses.replace(tiny_config.training, model="scatnet"),
+        privacy=dataclasses.replace(tiny_config.privacy, ledger_dir=str(tmp_path / "ledgers")),
+    )
+    node = NodeConfig(partition_id=0, num_partitions=2)
+    monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
+    run_rounds(scatnet, node, RecordDict(), run_key="scat", rounds=1, model_state=build_model("scatnet").state_dict())
+    (stored,) = (tmp_path / "ledgers" / "client-0").glob("features-*.pt")
+
+    # A fresh process (empty memory cache) that must not recompute: the file is read back.
+    real_split = training.split
+    monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
+    monkeypatch.setattr(training, "split", lambda model: (model.head, pytest.fail))
+    run_rounds(scatnet, node, RecordDict(), run_key="scat", rounds=1, model_state=build_model("scatnet").state_dict())
+
+    # A damaged file is recomputed and rewritten, not an error.
+    stored.write_bytes(b"not a tensor")
+    monkeypatch.setattr(training, "split", real_split)
+    monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
+    run_rounds(scatnet, node, RecordDict(), run_key="scat", rounds=1, model_state=build_model("scatnet").state_dict())
+    assert torch.load(stored, weights_only=True).shape == (SHARD, 81, 7, 7)
