@@ -239,7 +239,7 @@ class RunConfig:
 
     def total_train_examples(self) -> int:
         """How many training images are split among the clients (held-out validation excluded)."""
-        return self.data.train_subset or TRAIN_SET_SIZE - self.data.validation_size
+        return self.data.train_subset or (TRAIN_SET_SIZE - self.data.validation_size)
 
 
 @dataclass(frozen=True)

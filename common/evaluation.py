@@ -14,7 +14,7 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 2000) -
     images, labels = dataset.tensors
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        logits = model(images[start : start + batch_size])
+        logits = model(images[start : start + batch_size].float())  # features may be stored in half precision
         target = labels[start : start + batch_size]
         total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(dim=1) == target).sum().item()

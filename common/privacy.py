@@ -9,7 +9,6 @@ import functools
 import math
 
 import numpy as np
-
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 

@@ -47,8 +47,8 @@ def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None =
     data_dir = resolve_data_dir(config.data.data_dir)
     test_set = load_mnist(data_dir, train=False)
     evaluated, transform = split(model)  # a fixed front-end runs once over the test set, not every round
-    if transform is not None:
-        test_set = TensorDataset(transform(test_set.tensors[0]), test_set.tensors[1])
+    if transform is not None:  # kept in half precision, as clients keep theirs
+        test_set = TensorDataset(transform(test_set.tensors[0]).half(), test_set.tensors[1])
     if not done:
         plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation
