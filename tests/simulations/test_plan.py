@@ -20,7 +20,7 @@ def accountant_epsilon(name, sigma, rate, steps, delta):
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_plan_matches_an_independent_accountant(accountant):
-    config = load_preset("mnist-eps2", [f"accountant={accountant}", "local-epochs=3"])
+    config = load_preset("mnist-eps2", [f"accountant={accountant}", "local-epochs=3", "batch-size=600"])
     (group,) = plan(config)  # 10 IID shards of 6000: one group
     assert group.partition_ids == list(range(10)) and group.shard_size == 6000
     assert group.sample_rate == pytest.approx(600 / 6000)
