@@ -154,9 +154,9 @@ def _compute_features(transform: Callable[[torch.Tensor], torch.Tensor], images:
     return features
 
 
-def _stored_features(path: Path | None, count: int) -> torch.Tensor | None:
+def _stored_features(path: Path, count: int) -> torch.Tensor | None:
     """Features saved by an earlier round, or None if absent or unreadable (then they are recomputed)."""
-    if path is None or not path.is_file():
+    if not path.is_file():
         return None
     try:
         features = torch.load(path, weights_only=True)
