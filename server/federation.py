@@ -1,7 +1,8 @@
 """One federated run on the server side: strategy, central evaluation and results.
 
-This is the server's `task.py`: it takes a Grid and a validated RunConfig, so the same
-code serves `flwr run .`, `dpfl simulate` and the tests.
+This is the server's `task.py`: it takes a Grid and a run directory (a validated config,
+a model, the rounds done so far), so the same code serves `flwr run .`, `dpfl simulate`,
+`dpfl simulate --resume` and the tests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
-from common.config import RunConfig, clients_per_round
+from common.config import clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model, split
@@ -31,16 +32,14 @@ from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 log = logging.getLogger(__name__)
 
 
-def run_federation(grid: Grid, config: RunConfig, run_dir: RunDirectory | None = None) -> dict[str, Any]:
+def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     """Run FedAvg with DP clients for the configured rounds; return the run's summary.
 
-    Without `run_dir` a fresh one is created for `config`; with one (a resumed run) its
-    own config, model and completed rounds are where training continues.
+    Training continues from `run_dir`: its config, its model and its completed rounds (none
+    for a fresh run, some for a resumed one).
     """
-    model = build_model(config.training.model, seed=config.seed)
-    if run_dir is None:
-        run_dir = RunDirectory.create(config, model.state_dict())
     config = run_dir.config
+    model = build_model(config.training.model)
     model.load_state_dict(run_dir.model)
     done = run_dir.completed_rounds
     random.seed(config.seed + done)  # Flower samples clients with the `random` module

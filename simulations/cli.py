@@ -86,7 +86,7 @@ def _run_simulation(run_dir: RunDirectory, client_app: ClientApp | None) -> dict
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summaries.append(run_federation(grid, run_dir.config, run_dir))
+        summaries.append(run_federation(grid, run_dir))
 
     run_simulation(
         server_app=server_app,
