@@ -56,7 +56,7 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
         start = time.perf_counter()  # noise planning is once per run, not per epoch
         dp_train(model, inputs, ledger, config)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate, momentum=config.training.momentum)
         for _ in range(epochs):
             for images, labels in tensor_loader(inputs, batch_size=config.training.batch_size, shuffle=True):
                 optimizer.zero_grad(set_to_none=True)
