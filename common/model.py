@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 
 class MnistCNN(nn.Module):
@@ -95,6 +96,18 @@ def split(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.T
     if isinstance(model, ScatterNet):
         return model.head, model.fixed_input
     return model, None
+
+
+def fixed_features(model: nn.Module, dataset: TensorDataset) -> TensorDataset:
+    """`dataset` as the module that `split(model)` trains sees it: its inputs through the fixed
+    transform, in half precision as every party keeps features (loaders and `evaluate` hand
+    them out in float32). Without a fixed transform, `dataset` itself.
+    """
+    _, transform = split(model)
+    if transform is None:
+        return dataset
+    images, labels = dataset.tensors
+    return TensorDataset(transform(images).half(), labels)
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

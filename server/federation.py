@@ -15,12 +15,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
-from torch.utils.data import TensorDataset
 
 from common.config import clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
-from common.model import build_model, split
+from common.model import build_model, fixed_features, split
 from common.privacy import describe_epsilon
 from common.protocol import RUN_KEY
 from server.central_dp import central_dp
@@ -44,10 +43,8 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     done = run_dir.completed_rounds
     random.seed(config.seed + done)  # Flower samples clients with the `random` module
     data_dir = resolve_data_dir(config.data.data_dir)
-    test_set = load_mnist(data_dir, train=False)
-    evaluated, transform = split(model)  # a fixed front-end runs once over the test set, not every round
-    if transform is not None:  # kept in half precision, as clients keep theirs
-        test_set = TensorDataset(transform(test_set.tensors[0]).half(), test_set.tensors[1])
+    evaluated, _ = split(model)
+    test_set = fixed_features(model, load_mnist(data_dir, train=False))  # once, not every round
     if not done:
         plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation

@@ -26,7 +26,7 @@ from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir, tensor_loader
 from common.evaluation import evaluate
-from common.model import build_model, split
+from common.model import build_model, fixed_features, split
 from simulations.presets import load_preset
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,7 @@ def dp_overhead(config: RunConfig, repeats: int = 3) -> dict[str, float]:
     """
     data_dir = resolve_data_dir(config.data.data_dir)
     shard = client_shard(config.data, config.seed, 0, config.federation.num_clients, data_dir)
-    _, transform = split(build_model(config.training.model))
-    if transform is not None:
-        shard = TensorDataset(transform(shard.tensors[0]).half(), shard.tensors[1])
+    shard = fixed_features(build_model(config.training.model), shard)
     plain, private = [], []
     for _ in range(repeats):
         plain.append(_epoch_seconds(config, shard, private=False))
@@ -90,18 +88,16 @@ def dp_overhead(config: RunConfig, repeats: int = 3) -> dict[str, float]:
 def run_without_flower(config: RunConfig, scored_on: TensorDataset | None = None, run_key: str = "bench") -> dict[str, float]:
     """The same rounds in one process: every client's `train_round`, FedAvg, central evaluation.
 
-    The final model is scored on `scored_on` (default: the test set). Ledgers live in memory
-    only, fresh for every call, whatever `ledger-dir` says.
+    The final model is scored on `scored_on`, given as the trained module sees it
+    (`fixed_features`); by default on the test set, as the server scores it. Ledgers live in
+    memory only, fresh for every call, whatever `ledger-dir` says.
     """
     start = time.perf_counter()
-    data_dir = resolve_data_dir(config.data.data_dir)
-    if scored_on is None:
-        scored_on = load_mnist(data_dir, train=False)
     config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, ledger_dir=""))
     model = build_model(config.training.model, seed=config.seed)
-    evaluated, transform = split(model)
-    if transform is not None:
-        scored_on = TensorDataset(transform(scored_on.tensors[0]), scored_on.tensors[1])
+    evaluated, _ = split(model)
+    if scored_on is None:
+        scored_on = fixed_features(model, load_mnist(resolve_data_dir(config.data.data_dir), train=False))
     clients = config.federation.num_clients
     states = [RecordDict() for _ in range(clients)]
     accuracy, epsilon = 0.0, 0.0

@@ -19,10 +19,13 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from simulations.presets import add_config_arguments, load_preset
+
+if TYPE_CHECKING:  # torch loads when a search runs, not for `dpfl --help`
+    from torch.utils.data import TensorDataset
 
 DEFAULT_VALIDATION_SIZE = 5000
 
@@ -48,17 +51,22 @@ def candidates(grid: dict[str, list[str]]) -> list[list[str]]:
 def tune(preset: str, grid: dict[str, list[str]], overrides: list[str], repeats: int) -> list[dict[str, Any]]:
     """Validation accuracy of every candidate, mean over `repeats` seeds, best first."""
     from common.data import load_validation, resolve_data_dir
+    from common.model import build_model, fixed_features
     from simulations.bench import run_without_flower
 
     choices = candidates(grid)
     settings = [load_preset(preset, [*overrides, *choice]) for choice in choices]  # all checked up front
+    validations: dict[tuple[str, int, str], TensorDataset] = {}  # features computed once per model and split
     results = []
     for choice, config in zip(choices, settings):
-        validation = load_validation(config.data, resolve_data_dir(config.data.data_dir))
+        key = (config.training.model, config.data.validation_size, config.data.data_dir)
+        if key not in validations:
+            images = load_validation(config.data, resolve_data_dir(config.data.data_dir))
+            validations[key] = fixed_features(build_model(config.training.model), images)
         runs = []
         for repeat in range(repeats):
             seeded = load_preset(preset, [*overrides, *choice, f"seed={config.seed + repeat}"])
-            runs.append(run_without_flower(seeded, scored_on=validation, run_key=f"tune-{repeat}"))
+            runs.append(run_without_flower(seeded, scored_on=validations[key], run_key=f"tune-{repeat}"))
         accuracies = [run["accuracy"] for run in runs]
         results.append(
             {

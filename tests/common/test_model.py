@@ -1,7 +1,8 @@
 import torch
 from opacus.validators import ModuleValidator
+from torch.utils.data import TensorDataset
 
-from common.model import MODELS, build_model, split
+from common.model import MODELS, build_model, fixed_features, split
 
 
 def test_every_model_is_opacus_compatible():
@@ -27,3 +28,15 @@ def test_scatnet_trains_only_its_head_on_fixed_features():
     assert features.shape == (4, 81, 7, 7) and not features.requires_grad
     assert torch.equal(features, transform(images))  # fixed: no parameters, no randomness
     assert torch.allclose(model(images), trainable(features))
+
+
+def test_fixed_features_are_what_the_trained_module_is_scored_on():
+    images, labels = torch.randn(6, 1, 28, 28), torch.arange(6)
+    dataset = TensorDataset(images, labels)
+    assert fixed_features(build_model("cnn"), dataset) is dataset  # nothing fixed to precompute
+    model = build_model("scatnet", seed=0)
+    features, kept = fixed_features(model, dataset).tensors
+    assert features.dtype == torch.float16 and torch.equal(kept, labels)
+    trainable, _ = split(model)
+    # Half-precision storage, float32 compute: the scores match the full model's to rounding.
+    assert torch.allclose(trainable(features.float()), model(images), atol=1e-2)
