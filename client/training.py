@@ -13,7 +13,6 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
 from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, resolve_data_dir, tensor_loader
-from common.model import build_model, split
+from common.model import build_model, fixed_features, split
 from common.privacy import sample_rate, steps_per_epoch
 from common.storage import atomic_write
 
@@ -128,29 +127,29 @@ def _training_inputs(
     trainable, transform = split(model)
     if transform is None:
         return trainable, shard
-    images, labels = shard.tensors
+    labels = shard.tensors[1]
     if state_dir:
         path = Path(state_dir) / f"features-{type(model).__name__.lower()}-{key}.pt"
         features = _stored_features(path, len(labels))
         if features is None:
-            features = _compute_features(transform, images)
+            features = _compute_features(model, shard).tensors[0]
             buffer = io.BytesIO()
             torch.save(features, buffer)
             atomic_write(path, buffer.getvalue())
         return trainable, TensorDataset(features, labels)
     cache_key = (type(model).__name__, key)
     if cache_key not in _input_cache:
-        _input_cache[cache_key] = TensorDataset(_compute_features(transform, images), labels)
+        _input_cache[cache_key] = _compute_features(model, shard)
         while len(_input_cache) > 1 and sum(d.tensors[0].nbytes for d in _input_cache.values()) > INPUT_CACHE_BYTES:
             _input_cache.popitem(last=False)
     _input_cache.move_to_end(cache_key)
     return trainable, _input_cache[cache_key]
 
 
-def _compute_features(transform: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+def _compute_features(model: nn.Module, shard: TensorDataset) -> TensorDataset:
     start = time.perf_counter()
-    features = transform(images).half()
-    log.info("fixed features of %d images computed in %.1f s", len(images), time.perf_counter() - start)
+    features = fixed_features(model, shard)
+    log.info("fixed features of %d images computed in %.1f s", len(shard), time.perf_counter() - start)
     return features
 
 

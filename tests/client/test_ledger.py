@@ -163,13 +163,13 @@ def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(tiny_co
     scatnet = dataclasses.replace(tiny_config, training=dataclasses.replace(tiny_config.training, model="scatnet"))
     node = NodeConfig(partition_id=0, num_partitions=2)
     calls = []
-    real = training.split
+    real = training.fixed_features
 
-    def counting_split(model):
-        trainable, transform = real(model)
-        return trainable, (lambda images: calls.append(len(images)) or transform(images)) if transform else None
+    def counting_fixed_features(model, dataset):
+        calls.append(len(dataset))
+        return real(model, dataset)
 
-    monkeypatch.setattr(training, "split", counting_split)
+    monkeypatch.setattr(training, "fixed_features", counting_fixed_features)
     monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
     state = RecordDict()
     outcomes = run_rounds(scatnet, node, state, run_key="scat", rounds=2, model_state=build_model("scatnet").state_dict())
@@ -192,14 +192,14 @@ def test_another_process_reads_the_features_back_from_the_clients_state_director
     (stored,) = (tmp_path / "ledgers" / "client-0").glob("features-*.pt")
 
     # A fresh process (empty memory cache) that must not recompute: the file is read back.
-    real_split = training.split
+    real_fixed_features = training.fixed_features
     monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
-    monkeypatch.setattr(training, "split", lambda model: (model.head, pytest.fail))
+    monkeypatch.setattr(training, "fixed_features", lambda model, dataset: pytest.fail("features recomputed"))
     run_rounds(scatnet, node, RecordDict(), run_key="scat", rounds=1, model_state=build_model("scatnet").state_dict())
 
     # A damaged file is recomputed and rewritten, not an error.
     stored.write_bytes(b"not a tensor")
-    monkeypatch.setattr(training, "split", real_split)
+    monkeypatch.setattr(training, "fixed_features", real_fixed_features)
     monkeypatch.setattr(training, "_input_cache", training.OrderedDict())
     run_rounds(scatnet, node, RecordDict(), run_key="scat", rounds=1, model_state=build_model("scatnet").state_dict())
     assert torch.load(stored, weights_only=True).shape == (SHARD, 81, 7, 7)
