@@ -27,6 +27,7 @@ import torch
 
 from common.config import RunConfig, load_toml
 from common.errors import DpflError
+from common.model import build_model
 from common.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,11 @@ class RunDirectory:
 
     @classmethod
     def create(
-        cls, config: RunConfig, model: dict[str, torch.Tensor], own_ledgers: bool = False
+        cls, config: RunConfig, model: dict[str, torch.Tensor] | None = None, own_ledgers: bool = False
     ) -> RunDirectory:
         """A fresh run directory holding `config.toml`, an empty `rounds.csv` and round 0.
+
+        Round 0 is `model`, by default the config's model with its seeded initial weights.
 
         With `own_ledgers` (simulations, where every client runs on this machine) a config
         without a ledger directory keeps the clients' ledgers in the run directory, so they
@@ -107,6 +110,8 @@ class RunDirectory:
             privacy = dataclasses.replace(config.privacy, ledger_dir=str(path / LEDGERS_DIR))
             config = dataclasses.replace(config, privacy=privacy)
         # The random part keeps two servers' runs apart even with equal names and clocks.
+        if model is None:
+            model = build_model(config.training.model, seed=config.seed).state_dict()
         run_dir = cls(path, config, f"{path.name}-{secrets.token_hex(4)}", [], model)
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(config.to_flat()).encode())
         run_dir._save_checkpoint()

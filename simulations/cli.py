@@ -54,13 +54,11 @@ def simulate(config: RunConfig, client_app: ClientApp | None = None) -> dict[str
     `client_app` replaces dpfl's own ClientApp (tests use it to bring in faulty clients).
     """
     from common.data import ensure_mnist, resolve_data_dir
-    from common.model import build_model
     from server.results import RunDirectory
 
     config = _absolute_paths(config)
     ensure_mnist(resolve_data_dir(config.data.data_dir))  # fail before Ray starts, not inside it
-    initial = build_model(config.training.model, seed=config.seed).state_dict()
-    return _run_simulation(RunDirectory.create(config, initial, own_ledgers=True), client_app)
+    return _run_simulation(RunDirectory.create(config, own_ledgers=True), client_app)
 
 
 def resume(path: Path, client_app: ClientApp | None = None) -> dict[str, Any]:
