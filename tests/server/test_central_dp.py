@@ -1,4 +1,4 @@
-"""Central DP: Flower's fixed-clipping wrappers around our strategy, and the client-level epsilon."""
+"""Central DP: DP-FedAvg on Flower's fixed-clipping wrappers around our strategy, and the client-level epsilon."""
 
 import dataclasses
 import math
@@ -22,11 +22,52 @@ def privacy(**changes) -> PrivacyConfig:
     return dataclasses.replace(base, **changes)
 
 
-def wrapped(config: PrivacyConfig, sampled: int = 2):
+def wrapped(config: PrivacyConfig, sampled: int = 2, history=None):
     strategy = LedgerAwareFedAvg(uniform_weights=True, min_train_nodes=sampled, min_available_nodes=sampled)
-    dp, accountant = central_dp(strategy, config, sampled)
-    dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid([1, 2]))
+    dp, accountant = central_dp(strategy, config, sampled, history)
+    dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(list(range(1, sampled + 1))))
     return dp, strategy, accountant
+
+
+def update(node_id, values):
+    """A trained reply whose model is GLOBAL (zeros) plus `values`."""
+    return reply(node_id, arrays=ArrayRecord([np.asarray(values, dtype=np.float32)]), epsilon=math.inf)
+
+
+def release(config: PrivacyConfig, sampled: int, updates: dict[int, list[float]]) -> np.ndarray:
+    """The global model released for one round in which the nodes in `updates` replied."""
+    dp, _, _ = wrapped(config, sampled)
+    arrays, _ = dp.aggregate_train(1, [update(node, values) for node, values in updates.items()])
+    return arrays.to_numpy_ndarrays()[0]
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+@pytest.mark.parametrize(
+    "left_out",
+    [
+        [-10.0, -10.0, -10.0],  # against the others: the worst case for an average over m'
+        [10.0, 10.0, 10.0],  # along the others
+        [0.0, 3.0, 0.0],  # orthogonal, barely above C
+    ],
+)
+def test_one_client_moves_the_release_by_exactly_the_sensitivity_the_accountant_assumes(clipping, left_out):
+    # Noise-free (sigma = 0), so the change is the mechanism's sensitivity, measured. The
+    # accountant assumes C / m; averaging over the m' replies instead moved it by 2C / m'
+    # (server-side clipping) or not bounded at all (client-side: nothing checked the norm).
+    config = privacy(target_epsilon=math.inf, central_clipping=clipping)  # C = 2, sigma = 0
+    sampled = 3
+    others = {1: [10.0, 10.0, 10.0], 2: [10.0, 0.0, 10.0]}  # norms >= C: clipped to 2
+    with_it = release(config, sampled, {**others, 3: left_out})
+    without_it = release(config, sampled, others)  # m' = m - 1 replies
+    change = float(np.linalg.norm(with_it - without_it))
+    assert change == pytest.approx(2.0 / sampled, abs=1e-5)  # <= C / m, and attained by norm >= C
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_an_unclipped_update_is_clipped_on_the_server_even_when_clients_are_meant_to_clip(clipping):
+    config = privacy(target_epsilon=math.inf, central_clipping=clipping)
+    released = release(config, 2, {1: [300.0, 400.0, 0.0]})  # norm 500, one reply of two
+    np.testing.assert_allclose(released, np.array([0.6, 0.8, 0.0]) * 2.0 / 2, rtol=1e-6)  # C * unit / m
 
 
 def test_updates_are_clipped_and_averaged_uniformly_whatever_examples_are_claimed():
@@ -51,25 +92,43 @@ def test_noise_is_added_with_the_std_flower_documents():
     assert np.std(arrays.to_numpy_ndarrays()[0]) == pytest.approx(1.0 * 2.0 / 2, rel=0.01)  # sigma * C / m
 
 
-def test_a_poisoned_update_is_rejected_before_clipping_and_costs_privacy():
-    config = privacy(target_epsilon=50.0, central_noise_multiplier=2.0)
+def test_a_poisoned_update_is_rejected_before_clipping_and_costs_no_extra_privacy():
+    config = privacy(target_epsilon=math.inf)
     dp, strategy, accountant = wrapped(config)
     wrong_shape = reply(1, arrays=ArrayRecord([np.zeros(4, dtype=np.float32)]), epsilon=math.inf)
     arrays, _ = dp.aggregate_train(1, [wrong_shape, reply(2, weights=1.0, epsilon=math.inf)])
     assert arrays is not None and strategy.last_round.clients_rejected == 1
-    # One of the two sampled clients made the average: its share, and the cost, doubled.
-    assert accountant.history == [(1.0, 1.0, 1)]
+    # One of the two sampled clients replied soundly: its update counts for half, and the
+    # release is the same Gaussian mechanism (sigma over C / m) as with both.
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 0.5))
+    assert accountant.history == [(0.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_every_release_is_accounted_with_sigma_whatever_number_of_clients_replied(clipping):
+    config = privacy(target_epsilon=50.0, central_noise_multiplier=2.0, accountant="rdp", central_clipping=clipping)
+    earlier = [(2.0, 1.0, 2)]  # a resumed run's two earlier releases
+    dp, strategy, accountant = wrapped(config, sampled=4, history=earlier)
+    for server_round, nodes in enumerate([(1, 2, 3, 4), (1, 2), (3,)], start=1):
+        dp.configure_train(server_round, GLOBAL, ConfigRecord(), FakeGrid([1, 2, 3, 4]))
+        arrays, _ = dp.aggregate_train(server_round, [update(node, [1.0, 2.0, 2.0]) for node in nodes])
+        assert arrays is not None and strategy.last_round.clients_trained == len(nodes)
+    assert accountant.history == [(2.0, 1.0, 5)]  # not 2.0 * m' / m for the short rounds
+    independent = create_accountant("rdp")
+    independent.history = [(2.0, 1.0, 5)]
+    assert accountant.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_client_level_epsilon_equals_an_independent_opacus_accountant():
-    accountant = ClientLevelAccountant(privacy(central_noise_multiplier=1.5, accountant="rdp"), sampled=10)
-    for aggregated in (10, 10, 7):
-        accountant.record_release(aggregated)
+    accountant = ClientLevelAccountant(privacy(central_noise_multiplier=1.5, accountant="rdp"))
+    for _ in range(3):
+        accountant.record_release()
     independent = create_accountant("rdp")
-    for sigma in (1.5, 1.5, 1.5 * 7 / 10):
-        independent.step(noise_multiplier=sigma, sample_rate=1.0)
+    for _ in range(3):
+        independent.step(noise_multiplier=1.5, sample_rate=1.0)
+    assert accountant.history == independent.history == [(1.5, 1.0, 3)]
     assert accountant.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
-    assert accountant.epsilon_after_full_release() > accountant.epsilon
+    assert accountant.epsilon_after_next_release() > accountant.epsilon
 
 
 def test_a_round_past_the_central_budget_is_not_started():
@@ -99,4 +158,9 @@ def test_an_unchanged_model_is_left_out_instead_of_crashing_flowers_clipping():
     dp, strategy, accountant = wrapped(privacy(target_epsilon=50.0, central_noise_multiplier=2.0))
     arrays, _ = dp.aggregate_train(1, [reply(1, weights=0.0, epsilon=math.inf), reply(2, weights=1.0, epsilon=math.inf)])
     assert arrays is not None and strategy.last_round.clients_trained == 1
-    assert accountant.history == [(1.0, 1.0, 1)]
+    assert accountant.history == [(2.0, 1.0, 1)]
+
+
+def test_central_dp_refuses_a_strategy_that_weighs_by_examples():
+    with pytest.raises(ValueError, match="aggregates uniformly"):
+        central_dp(LedgerAwareFedAvg(), privacy(), 2)
