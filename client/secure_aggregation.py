@@ -84,7 +84,7 @@ def fit_reply(outcome: RoundOutcome, global_state: dict[str, torch.Tensor]) -> R
     sum, and the refusal travels in the unmasked metrics as it does on the plain path.
     """
     metrics: dict[str, Scalar] = dict(
-        train_metrics(outcome.num_examples, outcome.train_loss, outcome.epsilon, outcome.delta)
+        train_metrics(outcome.num_examples, outcome.epsilon, outcome.delta)
     )
     if outcome.state_dict is None:
         metrics[REFUSAL_KEY] = str(outcome.refusal)

@@ -16,11 +16,16 @@ SERVER_ROUND = "server-round"  # injected by FedAvg into every round's config
 RUN_KEY = "dpfl-run"
 
 NUM_EXAMPLES = "num-examples"  # FedAvg's default weighting key
-TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"
 DELTA = "delta"
 
 
-def train_metrics(num_examples: int, train_loss: float, epsilon: float, delta: float) -> dict[str, float | int]:
-    """The metrics every train reply carries, trained or refused."""
-    return {NUM_EXAMPLES: num_examples, TRAIN_LOSS: train_loss, EPSILON: epsilon, DELTA: delta}
+def train_metrics(num_examples: int, epsilon: float, delta: float) -> dict[str, float | int]:
+    """The metrics every train reply carries, trained or refused.
+
+    Nothing here may be computed from the private data outside the DP mechanism: the number
+    of examples is public by assumption (the sampling rate, and so the noise plan, depends
+    on it), epsilon and delta are the accountant's. A training loss would be a function of
+    the private data that no accountant covers, so none is sent.
+    """
+    return {NUM_EXAMPLES: num_examples, EPSILON: epsilon, DELTA: delta}

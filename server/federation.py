@@ -3,6 +3,10 @@
 This is the server's `task.py`: it takes a Grid and a run directory (a validated config,
 a model, the rounds done so far), so the same code serves `flwr run .`, `dpfl simulate`,
 `dpfl simulate --resume` and the tests.
+
+It draws nothing from the clients' data: in a deployment the SuperNodes hold their own
+data, which the server neither knows nor may describe. Only the simulation engine, which
+cuts the partition itself, draws it (`simulations.cli.simulate`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from common.model import build_model, fixed_features, split
 from common.privacy import describe_epsilon
 from common.protocol import RUN_KEY
 from server.central_dp import central_dp
-from server.plots import plot_label_distribution, plot_run
-from server.results import RoundRow, RunDirectory
+from server.plots import plot_run
+from server.results import SUMMARY_FILE, RoundRow, RunDirectory
 from server.secure_aggregation import run_secure_aggregation
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 
@@ -45,8 +49,6 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     data_dir = resolve_data_dir(config.data.data_dir)
     evaluated, _ = split(model)
     test_set = fixed_features(model, load_mnist(data_dir, train=False))  # once, not every round
-    if not done:
-        plot_label_distribution(run_dir.path, config, data_dir)
     federation = config.federation
     central = config.privacy.dp_mode == "central"
     last = run_dir.rows[-1] if run_dir.rows and not central else None
@@ -60,6 +62,9 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         min_train_nodes=sampled,
         min_available_nodes=federation.num_clients,
         min_trained_clients=federation.min_train_clients,
+        # The most a client whose reply is lost can have spent: clients never pass the run's budget.
+        target_epsilon=config.privacy.target_epsilon,
+        target_delta=config.privacy.target_delta,
     )
     started, client_level = strategy, None
     if central:
@@ -84,15 +89,26 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
                 test_loss=loss,
                 epsilon=epsilon,
                 delta=delta,
-                train_loss=strategy.last_round.train_loss,
                 clients_trained=strategy.last_round.clients_trained,
                 clients_refused=strategy.last_round.clients_refused,
                 clients_rejected=strategy.last_round.clients_rejected,
+                clients_unreported=len(strategy.round_unreported),
                 seconds=run_dir.elapsed(),
             )
             run_dir.record_round(
                 row, model.state_dict(), client_level.history if client_level else None
             )
+            if strategy.round_unreported and client_level is None:
+                log.warning(
+                    "round %d: %d client(s) were sent a train instruction but their epsilon never "
+                    "came back readable (failed, timed out, dropped out or unreadable); clients pay "
+                    "before training, so each may have spent up to its budget: the run's epsilon "
+                    "is now max(target-epsilon = %g, every epsilon reported) = %s",
+                    row.round,
+                    len(strategy.round_unreported),
+                    config.privacy.target_epsilon,
+                    describe_epsilon(row.epsilon),
+                )
             log.info(
                 "round %d/%d  accuracy %.2f%%  loss %.4f  %s epsilon %s  delta %.0e  %.1f s",
                 row.round,
@@ -137,8 +153,18 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         "private": math.isfinite(epsilon),
         "epsilon": epsilon if math.isfinite(epsilon) else None,
         "delta": delta,
+        # Node ids sent a train instruction whose epsilon never came back readable (this process).
+        "clients-unreported": sorted(strategy.unreported_nodes),
         "wall-seconds": run_dir.elapsed(),
     }
+    if strategy.unreported_nodes and client_level is None:
+        log.warning(
+            "the run's epsilon %s is an upper bound set by target-epsilon: %d client(s) may have "
+            "trained without their epsilon reaching the server (see clients-unreported in %s)",
+            describe_epsilon(epsilon),
+            len(strategy.unreported_nodes),
+            SUMMARY_FILE,
+        )
     run_dir.write_summary(summary)
     plot_run(run_dir.path)
     return summary

@@ -1,4 +1,9 @@
-"""Pictures in every run directory: accuracy and epsilon per round, labels per client."""
+"""Pictures in a run directory: accuracy and epsilon per round (every run), labels per client (simulations).
+
+`rounds.png` is drawn from `rounds.csv` alone, so it shows only what that file publishes.
+`label-distribution.png` shows every client's exact label histogram: only a simulation,
+whose server cuts the partition itself, may draw it; a deployment's server never has it.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def plot_run(run_dir: Path) -> Path | None:
     top.grid(alpha=0.3)
     if all(math.isfinite(e) for e in epsilon):
         bottom.plot(rounds, epsilon, marker="o", color="tab:red")
-        bottom.set_ylabel("epsilon spent (max over clients)")
+        bottom.set_ylabel("epsilon (upper bound, max over clients)")
     else:
         bottom.text(0.5, 0.5, "non-private run: epsilon = inf", ha="center", va="center",
                     transform=bottom.transAxes)
@@ -55,7 +60,13 @@ def plot_run(run_dir: Path) -> Path | None:
 
 
 def plot_label_distribution(run_dir: Path, config: RunConfig, data_dir: Path) -> Path:
-    """How many examples of each digit every client holds, as stacked bars."""
+    """How many examples of each digit every client holds, as stacked bars.
+
+    Recomputed from the server's copy of MNIST and the partition config, so it is what a
+    simulation's clients hold. It is exact per client and unprotected by any DP mechanism:
+    call it only where the partition is the simulation's own (`dpfl simulate`), never for
+    clients that hold their own data.
+    """
     labels = load_labels(data_dir)
     shards = shard_indices(labels, config.data, config.seed, config.federation.num_clients)
     counts = np.stack([np.bincount(labels.numpy()[s], minlength=10) for s in shards])

@@ -12,7 +12,10 @@ single client's model ever reaches the strategy.
 `LedgerAwareFedAvg`: sampling settings are read from it, central evaluation is the plain
 path's `evaluate_fn`, and every reply is booked by `LedgerAwareFedAvg.aggregate_train`, so
 epsilon per client, refusals, min-train-clients, the soundness check and the stop once every
-budget is spent behave as without SecAgg+.
+budget is spent behave as without SecAgg+. Every sampled client counts as sent a train
+instruction: one that drops out, or a round the workflow halts before handing over its
+results, leaves clients whose epsilon never reached the server, and the run's epsilon is
+bounded by the budget for them as on the plain path.
 """
 
 from __future__ import annotations
@@ -144,6 +147,9 @@ class SecureFedAvg(FedAvg):
         )
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled_nodes = {proxy.node_id for proxy, _ in instructions}
+        # Counted as instructed from the sample on: a client that drops out at any stage may
+        # already have trained and paid, and its epsilon then never arrives.
+        self.ledger.instructed(self.sampled_nodes)
         return instructions
 
     def aggregate_fit(
@@ -162,8 +168,8 @@ class SecureFedAvg(FedAvg):
         dropped = self.sampled_nodes - {proxy.node_id for proxy, _ in results}
         if dropped:
             log.warning(
-                "round %d: %d client(s) dropped out during SecAgg+; their masks were removed "
-                "and their updates are not in the sum",
+                "round %d: %d client(s) dropped out during SecAgg+; their masks were removed, "
+                "their updates are not in the sum, and their epsilon did not arrive",
                 server_round,
                 len(dropped),
             )
@@ -207,7 +213,9 @@ def as_reply(node_id: int, fit_res: FitRes, aggregate: ArrayRecord) -> Message:
     """A legacy SecAgg+ result as the plain path's train reply from `node_id`.
 
     The metrics arrive unmasked (`client.secure_aggregation`); a refusal's reason travels
-    among them. Non-numeric metrics are left out, so `reply_problem` rejects the reply.
+    among them. Non-numeric metrics are left out, so `reply_problem` rejects a reply whose
+    num-examples, epsilon or delta is not a number; keys beyond those three the strategy's
+    screen drops unread, as on the plain path.
     """
     metrics = dict(fit_res.metrics)
     refusal = metrics.pop(REFUSAL_KEY, None)

@@ -63,6 +63,10 @@ def test_crashed_and_poisoned_clients_leave_the_round_to_the_sound_one(tmp_path,
     assert row["clients-trained"] == 1  # only the sound client's update was averaged
     assert row["clients-rejected"] == 1  # the NaN update, refused before aggregation
     assert "holds NaN or Inf" in caplog.text
+    # The crashed client was sent the round and may have paid before crashing: the run's
+    # epsilon is then the budget, not the sound client's figure.
+    assert row["clients-unreported"] == 1 and len(summary["clients-unreported"]) == 1
+    assert row["epsilon"] == summary["epsilon"] == 8.0  # the smoke preset's target-epsilon
     assert row["test-accuracy"] > 0.3  # a trained model (the initial one scores ~10%)
 
 
@@ -71,6 +75,7 @@ def test_a_client_past_the_round_timeout_does_not_stall_the_round(tmp_path):
     summary, rows = run(tmp_path, "num-clients=4", "num-server-rounds=1", f"round-timeout={ROUND_TIMEOUT}")
     assert summary["rounds-completed"] == 1
     assert rows[0]["clients-trained"] == 1 and rows[0]["test-accuracy"] > 0.3
+    assert rows[0]["clients-unreported"] == 2  # the crashed and the late client
     assert rows[0]["seconds"] < ROUND_TIMEOUT + 40  # closed at the timeout, long before the late reply
 
 

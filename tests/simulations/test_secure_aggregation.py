@@ -159,7 +159,7 @@ def test_server_receives_only_the_aggregate_of_the_clients_updates(
 
     (row,) = read_rounds(Path(summary["run-dir"]))
     assert row["test-accuracy"] == pytest.approx(secure_accuracy, abs=2e-4)  # the aggregate became the model
-    assert row["clients-trained"] == 3
+    assert row["clients-trained"] == 3 and row["clients-unreported"] == 0
     assert row["epsilon"] == pytest.approx(expected_epsilon(config, 1), rel=1e-9)  # as on the plain path
     assert summary["rounds-completed"] == 1 and summary["test-accuracy"] == row["test-accuracy"]
 
@@ -180,3 +180,6 @@ def test_round_completes_when_a_client_drops_after_sharing_keys(
     assert max_difference(received[0][1], weighted_mean(list(sent.values()))) < QUANTISATION_TOLERANCE
     (row,) = read_rounds(Path(summary["run-dir"]))
     assert row["clients-trained"] == 2 and summary["rounds-completed"] == 1
+    # The server cannot tell that the dropped client never trained: its spend is bounded by the budget.
+    assert row["clients-unreported"] == 1 and len(summary["clients-unreported"]) == 1
+    assert row["epsilon"] == config.privacy.target_epsilon
