@@ -8,6 +8,8 @@ reading and writing of records differs; the round itself is `train_round` either
 
 from __future__ import annotations
 
+import sys
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -51,15 +53,25 @@ def train(msg: Message, context: Context) -> Message:
         run, run_key = read_proposal(msg.content[CONFIG_KEY], context.run_id)
         global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
     node = NodeConfig.from_mapping(context.node_config)
-    outcome = train_round(global_state, run, node, context.state, run_key)
+    outcome = train_round(global_state, run, node, run_key, simulated=running_in_simulation())
     content = fit_reply(outcome, global_state) if secure else reply(outcome)
     return Message(content=content, reply_to=msg)
+
+
+def running_in_simulation() -> bool:
+    """Whether this ClientApp runs in Flower's simulation engine, where one person owns all the data.
+
+    Flower's Context does not say; its simulation runs every ClientApp in a Ray actor, and a
+    real SuperNode never does. Only then may the run config place the privacy ledger.
+    """
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def reply(outcome: RoundOutcome) -> RecordDict:
     """Weights and metrics, or metrics and the reason for refusing: no weights leave then."""
     metrics = MetricRecord(
-        train_metrics(outcome.num_examples, outcome.train_loss, outcome.epsilon, outcome.delta)
+        train_metrics(outcome.num_examples, outcome.epsilon, outcome.delta)
     )
     if outcome.refusal is not None:
         return RecordDict({METRICS_KEY: metrics, REFUSAL_KEY: ConfigRecord({"reason": outcome.refusal})})

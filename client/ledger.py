@@ -1,44 +1,71 @@
-"""The client's privacy ledger: what its data has paid so far, and what it still may pay.
+"""The privacy ledger: what every record of a client's data has paid so far, and what it still may pay.
 
-The ledger wraps an Opacus accountant; it does not re-implement one. Its history is the
-lifetime record of every DP-SGD step ever taken on this client's dataset, across rounds,
-restarts and runs. For each run the noise multiplier is planned once, from what is left of
-the budget, the sampling rate and the run's total number of steps. The accountant is
-restored before every round and saved after it, so the epsilon a client reports is
-cumulative over everything it has released, never a per-round figure. A round that would
-push the client past its budget is refused before any training happens.
+A budget (epsilon, delta) belongs to the *records* of a data set, not to a shard, a run or a
+process. The ledger therefore keeps one history of DP-SGD releases per record: records are
+identified by a hash of their content (image and label), and records with identical
+histories are stored together as one group, so 60,000 records that were always trained
+together take one group. A record's epsilon is the composition, by an Opacus accountant, of
+every mechanism that touched it; a data set's epsilon is the maximum over its records. Cutting
+the same records into other shards, re-seeding or sub-setting them cannot reset anything, and
+records never seen before start at zero.
+
+The ledger file is the source of truth. `LedgerFile.transaction` holds an exclusive,
+cross-process lock from loading the file through the budget check to saving it, and a
+round's steps are charged in that same transaction, *before* training: the file is never
+behind what a client has released, even when two runs train on the same data at once or a
+process dies mid-round, and shards with disjoint records can still train in parallel. The
+budget is written into the ledger when it is created; a run proposes, the data owner (the
+node config, or `dpfl ledger budget`) is the only one who can raise it, and every change is
+recorded with a timestamp.
 """
 
 from __future__ import annotations
 
-import copy
+import base64
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from opacus.accountants import IAccountant, create_accountant
+from filelock import FileLock, Timeout
 
-from common.config import NodeConfig, RunConfig
 from common.errors import DpflError
-from common.privacy import accountant_epsilon, plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.privacy import (
+    History,
+    extend_history,
+    history_epsilon,
+    plan_noise_multiplier,
+    sample_rate,
+    steps_per_epoch,
+)
 from common.storage import atomic_write
 
-if TYPE_CHECKING:  # Flower loads only where a ledger is stored, not where it only plans (`dpfl plan`)
-    from flwr.app import RecordDict
+LEDGER_FORMAT = 4
+LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = "privacy-ledger.lock"
+#: Written beside the ledger when it is created: a directory that has one but no ledger has
+#: lost its ledger, and must not silently start again at zero.
+MARKER_FILE = "ledger-initialised.json"
+#: How long a client waits for another process (a second run on the same data) to release
+#: the ledger; a transaction itself takes well under a second.
+LOCK_TIMEOUT_SECONDS = 120.0
+#: Noise plans kept per ledger, oldest dropped first: one per (run, shard).
+MAX_PLANS = 10_000
 
-LEDGER_FORMAT = 3
-#: Format 2 keyed the plan by Flower's numeric run id; its plans read as that id in text.
-READABLE_FORMATS = (2, 3)
-STATE_KEY = "dpfl.privacy-ledger"
+
+class LedgerError(DpflError):
+    """The ledger cannot be used as it is: missing, unreadable, locked or not configured."""
 
 
 @dataclass(frozen=True)
 class PrivacyBudget:
-    """A client's lifetime (epsilon, delta) for its data."""
+    """A lifetime (epsilon, delta) for every record of a data set."""
 
     epsilon: float
     delta: float
@@ -46,7 +73,7 @@ class PrivacyBudget:
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """The DP-SGD parameters fixed at a run's first round on this client."""
+    """The DP-SGD parameters fixed at a run's first round on one shard."""
 
     run: str
     noise_multiplier: float
@@ -55,182 +82,310 @@ class NoisePlan:
     planned_steps: int
 
 
-class PrivacyLedger:
-    """A budget, the Opacus accountant that counts what is spent, and this run's noise plan."""
+def record_ids(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """A 64-bit content hash of every record (image bytes and label), in the data set's order.
 
-    def __init__(
-        self, budget: PrivacyBudget, accountant: IAccountant, plan: NoisePlan | None = None
-    ) -> None:
-        self.budget = budget
-        self.accountant = accountant
-        self.plan = plan
+    Two records with equal content get one id and so one history, which can only overcount;
+    so can a (vanishingly rare) collision of different records.
+    """
+    pixels = images.contiguous().numpy().reshape(len(images), -1)
+    label_bytes = labels.numpy().astype("<i8")
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(pixels[i].tobytes() + label_bytes[i].tobytes(), digest_size=8).digest(), "little")
+            for i in range(len(labels))
+        ],
+        dtype=np.uint64,
+    )
+
+
+def dataset_key(ids: np.ndarray) -> str:
+    """A short fingerprint of a data set in its order: the name of its plans and feature caches."""
+    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+
+
+def plan_noise(
+    run: str,
+    budget: PrivacyBudget,
+    spent: set[History],
+    mechanism: str,
+    num_examples: int,
+    batch_size: int,
+    local_epochs: int,
+    num_rounds: int,
+    noise_multiplier: float = 0.0,
+) -> NoisePlan | None:
+    """Plan a run's noise once, so that no record's epsilon passes the budget.
+
+    `spent` holds the distinct histories of the data set's records (the empty history for
+    fresh ones): the noise multiplier is the largest any of them needs. A fixed
+    `noise_multiplier` (> 0) is taken as given; the budget then only caps how many rounds it
+    may pay for. An infinite budget means non-private training: no noise. Returns None when
+    what is left of the budget cannot pay for the run at any noise.
+    """
+    rate = sample_rate(num_examples, batch_size)
+    steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
+    planned_steps = steps_per_round * num_rounds
+    if noise_multiplier > 0:
+        sigma = noise_multiplier
+    elif math.isinf(budget.epsilon):
+        sigma = 0.0
+    else:
+        try:
+            sigma = max(
+                plan_noise_multiplier(budget.epsilon, budget.delta, rate, planned_steps, mechanism, spent=history)
+                for history in spent
+            )
+        except ValueError:  # not even the largest noise fits in what is left
+            return None
+    return NoisePlan(run, sigma, rate, steps_per_round, planned_steps)
+
+
+def epsilon_after(spent: set[History], plan: NoisePlan, steps: int, mechanism: str, delta: float) -> float:
+    """The largest epsilon of any record with one of the `spent` histories after `steps` more steps."""
+    return max(
+        history_epsilon(extend_history(history, plan.noise_multiplier, plan.sample_rate, steps), mechanism, delta)
+        for history in spent
+    )
+
+
+@dataclass
+class Group:
+    """Records (sorted unique ids) that share one history of releases."""
+
+    history: History
+    records: np.ndarray
+
+
+@dataclass
+class PrivacyLedger:
+    """The records' budget and histories, the noise plans of runs, and the budget's changes."""
+
+    budget: PrivacyBudget
+    #: The accountant that last charged the ledger: the one `epsilon-spent` in the file is from.
+    accountant: str = "prv"
+    groups: list[Group] = field(default_factory=list)
+    plans: dict[str, NoisePlan] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
-        return cls(budget, create_accountant(accountant))
+    def create(cls, budget: PrivacyBudget, by: str, event: str = "created") -> PrivacyLedger:
+        ledger = cls(budget)
+        ledger._record(event, by)
+        return ledger
 
-    @property
-    def spent_steps(self) -> int:
-        return sum(steps for _, _, steps in self.accountant.history)
+    def spent(self, records: np.ndarray) -> set[History]:
+        """The distinct histories of `records` (sorted unique ids); the empty one for unseen records."""
+        histories, seen = set(), 0
+        for group in self.groups:
+            found = int(np.isin(records, group.records, assume_unique=True).sum())
+            if found:
+                histories.add(group.history)
+                seen += found
+        if seen < len(records):
+            histories.add(())
+        return histories
 
-    @property
-    def epsilon(self) -> float:
-        """Cumulative epsilon of everything this client has released so far (inf once non-private)."""
-        return accountant_epsilon(self.accountant, self.budget.delta)
+    def epsilon(self, records: np.ndarray | None, mechanism: str, delta: float) -> float:
+        """The largest epsilon of any of `records` (of every record ever charged, for None)."""
+        spent = self.spent(records) if records is not None else {group.history for group in self.groups}
+        return max((history_epsilon(history, mechanism, delta) for history in spent), default=0.0)
 
-    def plan_run(
-        self,
-        run: str,
-        num_examples: int,
-        batch_size: int,
-        local_epochs: int,
-        num_rounds: int,
-        noise_multiplier: float = 0.0,
-    ) -> NoisePlan | None:
-        """Plan this run's noise once, against what is left of the budget.
+    def charge(self, records: np.ndarray, sigma: float, rate: float, steps: int) -> None:
+        """Add `steps` steps at (sigma, rate) to the history of every one of `records`."""
+        kept: list[Group] = []
+        charged: list[Group] = []
+        seen = []
+        for group in self.groups:
+            inside = np.isin(group.records, records, assume_unique=True)
+            if inside.any():
+                charged.append(Group(group.history, group.records[inside]))
+                seen.append(group.records[inside])
+            if not inside.all():
+                kept.append(Group(group.history, group.records[~inside]))
+        fresh = np.setdiff1d(records, np.concatenate(seen) if seen else records[:0], assume_unique=True)
+        if len(fresh):
+            charged.append(Group((), fresh))
+        for group in charged:
+            kept.append(Group(extend_history(group.history, sigma, rate, steps), group.records))
+        self.groups = _merged(kept)
 
-        A fixed `noise_multiplier` (> 0) is taken as given; the budget then only caps how
-        many rounds it may pay for. An infinite budget means non-private training: no noise.
-        A ledger that already has a plan for `run` keeps it: a restarted client, or a server
-        resuming the run, continues with the same noise. Returns None when the remaining
-        budget cannot pay for the run at any noise.
-        """
-        if self.plan is not None and self.plan.run == run:
-            return self.plan
-        rate = sample_rate(num_examples, batch_size)
-        steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
-        planned_steps = steps_per_round * num_rounds
-        if noise_multiplier > 0:
-            sigma = noise_multiplier
-        elif math.isinf(self.budget.epsilon):
-            sigma = 0.0
-        else:
-            try:
-                sigma = plan_noise_multiplier(
-                    self.budget.epsilon,
-                    self.budget.delta,
-                    rate,
-                    planned_steps,
-                    self.accountant.mechanism(),
-                    spent=tuple(self.accountant.history),
-                )
-            except ValueError:  # not even the largest noise fits in what is left
-                self.plan = None
-                return None
-        self.plan = NoisePlan(run, sigma, rate, steps_per_round, planned_steps)
-        return self.plan
+    def accept_owner_budget(self, budget: PrivacyBudget, by: str) -> None:
+        """The data owner sets the budget (raising or lowering it); the change is recorded."""
+        if budget != self.budget:
+            self.budget = budget
+            self._record("budget", by)
 
-    def epsilon_after(self, steps: int) -> float:
-        """Epsilon this client would have spent after `steps` more steps of the plan."""
-        preview = copy.deepcopy(self.accountant)
-        for _ in range(steps):
-            preview.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
-        return accountant_epsilon(preview, self.budget.delta)
+    def keep_plan(self, key: str, plan: NoisePlan) -> None:
+        self.plans[key] = plan
+        while len(self.plans) > MAX_PLANS:
+            del self.plans[next(iter(self.plans))]
 
-    def refusal(self, steps: int, rate: float) -> str | None:
-        """Why a round of `steps` steps at sampling rate `rate` must be refused, or None."""
-        if self.plan is None:
-            return f"{self._exhausted()}; nothing is left for this run"
-        if rate != self.plan.sample_rate:
-            return (
-                f"the round's sampling rate {rate:.4g} differs from the planned "
-                f"{self.plan.sample_rate:.4g} (batch-size changed mid-run); the noise plan would not hold"
-            )
-        after = self.epsilon_after(steps)
-        if after > self.budget.epsilon:
-            return f"{self._exhausted()}; this round would reach {after:.3f}"
-        return None
-
-    def _exhausted(self) -> str:
-        # Built only when refusing: `epsilon` is a full accountant evaluation.
-        return (
-            f"privacy budget exhausted: epsilon spent {self.epsilon:.3f} of "
-            f"{self.budget.epsilon:g} (delta = {self.budget.delta:g})"
+    def _record(self, event: str, by: str) -> None:
+        self.events.append(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "event": event,
+                "by": by,
+                "epsilon": _json_float(self.budget.epsilon),
+                "delta": self.budget.delta,
+            }
         )
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "format": LEDGER_FORMAT,
-                "target-epsilon": self.budget.epsilon,
+                "target-epsilon": _json_float(self.budget.epsilon),
                 "target-delta": self.budget.delta,
-                "epsilon-spent": self.epsilon,
-                "accountant": self.accountant.mechanism(),
-                "history": [list(entry) for entry in self.accountant.history],
-                "plan": None if self.plan is None else asdict(self.plan),
+                "accountant": self.accountant,
+                "epsilon-spent": _json_float(self.epsilon(None, self.accountant, self.budget.delta)),
+                "events": self.events,
+                "groups": [
+                    {
+                        "records": len(group.records),
+                        "epsilon": _json_float(history_epsilon(group.history, self.accountant, self.budget.delta)),
+                        "history": [list(entry) for entry in group.history],
+                        "ids": base64.b64encode(group.records.astype("<u8").tobytes()).decode(),
+                    }
+                    for group in self.groups
+                ],
+                "plans": {key: asdict(plan) for key, plan in self.plans.items()},
             },
             indent=1,
         )
 
     @classmethod
-    def from_json(cls, text: str, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
-        """Restore a saved ledger under the budget and accountant in force now.
-
-        The history is the lifetime record and always carries over; the budget is the
-        client's current one (its node config decides, not the file).
-        """
+    def from_json(cls, text: str) -> PrivacyLedger:
         try:
             data = json.loads(text)
-            if data.get("format") not in READABLE_FORMATS:
+            if data.get("format") != LEDGER_FORMAT:
                 raise ValueError(f"unknown ledger format {data.get('format')!r}")
-            history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
-            plan = data["plan"]
-            if plan and "run_id" in plan:
-                plan["run"] = str(plan.pop("run_id"))
-            plan = NoisePlan(**plan) if plan else None
+            budget = PrivacyBudget(float(data["target-epsilon"]), float(data["target-delta"]))
+            groups = [
+                Group(
+                    tuple((float(s), float(q), int(n)) for s, q, n in group["history"]),
+                    np.frombuffer(base64.b64decode(group["ids"]), dtype="<u8").astype(np.uint64),
+                )
+                for group in data["groups"]
+            ]
+            plans = {key: NoisePlan(**plan) for key, plan in data["plans"].items()}
+            events = list(data["events"])
+            accountant = str(data["accountant"])
         except (ValueError, KeyError, TypeError) as err:
-            raise DpflError(
+            raise LedgerError(
                 f"privacy ledger is unreadable ({err}); restore it from a backup — deleting it "
                 "would forget the privacy this data has already spent"
             ) from None
-        restored = create_accountant(accountant)
-        restored.load_state_dict({"history": history, "mechanism": restored.mechanism()})
-        return cls(budget, restored, plan)
+        return cls(budget, accountant, groups, plans, events)
 
 
-def dataset_key(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A short fingerprint of a client's data: a budget belongs to a dataset, not to a run."""
-    digest = hashlib.sha256(images.numpy().tobytes())
-    digest.update(labels.numpy().tobytes())
-    return digest.hexdigest()[:16]
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else "inf"
 
 
-def ledger_dir(run: RunConfig, node: NodeConfig) -> str:
-    """The node's own ledger directory, else a per-client one under the run's (simulation)."""
-    if node.ledger_dir:
-        return node.ledger_dir
-    if run.privacy.ledger_dir:
-        return str(Path(run.privacy.ledger_dir) / f"client-{node.partition_id}")
-    return ""
+def _merged(groups: list[Group]) -> list[Group]:
+    """One group per distinct history."""
+    by_history: dict[History, list[np.ndarray]] = {}
+    for group in groups:
+        by_history.setdefault(group.history, []).append(group.records)
+    return [Group(history, np.sort(np.concatenate(parts))) for history, parts in by_history.items()]
 
 
-class LedgerStore:
-    """Where a client's ledger lives between rounds: the node's Flower state, and a file.
+class LedgerFile:
+    """A ledger directory: the ledger file, its lock, and the marker that it was ever created."""
 
-    Flower keeps `context.state` for the life of a SuperNode; the file (written atomically,
-    when a ledger directory is configured) lets the ledger outlive the process and the run.
-    Both are keyed by the dataset, so a client that changes data starts a separate ledger.
-    """
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LEDGER_FILE
+        self.marker = self.directory / MARKER_FILE
 
-    def __init__(self, state: RecordDict, directory: str, dataset: str) -> None:
-        self.state = state
-        self.key = f"{STATE_KEY}.{dataset}"
-        self.path = Path(directory) / f"privacy-ledger-{dataset}.json" if directory else None
+    @contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the directory's exclusive, cross-process lock, waiting at most `timeout` seconds for it."""
+        timeout = LOCK_TIMEOUT_SECONDS if timeout is None else timeout
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.directory / LOCK_FILE, timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LedgerError(
+                f"the privacy ledger in {self.directory} stayed locked by another process for "
+                f"{timeout:g} s; is another run training on the same data? let it finish, then retry"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
-    def load(self, budget: PrivacyBudget, accountant: str) -> PrivacyLedger:
-        """The saved ledger, or an empty one for data that has never been trained on."""
-        if self.key in self.state:
-            text = str(self.state[self.key]["json"])
-        elif self.path is not None and self.path.is_file():
-            text = self.path.read_text(encoding="utf-8")
-        else:
-            return PrivacyLedger.empty(budget, accountant)
-        return PrivacyLedger.from_json(text, budget, accountant)
+    @contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator[PrivacyLedger | None]:
+        """The ledger (None: none created yet) under the lock, held until the caller has saved it."""
+        with self.locked(timeout):
+            yield self._load()
+
+    def _load(self) -> PrivacyLedger | None:
+        if self.path.is_file():
+            return PrivacyLedger.from_json(self.path.read_text(encoding="utf-8"))
+        if self.marker.is_file():
+            raise LedgerError(
+                f"the privacy ledger {self.path} is missing, although this directory holds one "
+                f"since {json.loads(self.marker.read_text()).get('created', 'earlier')}; restore it "
+                f"from a backup, or, if its records were truly never released, run "
+                f"`dpfl ledger reset {self.directory}`"
+            )
+        return None
 
     def save(self, ledger: PrivacyLedger) -> None:
-        from flwr.app import ConfigRecord  # see the TYPE_CHECKING import above
+        """Write the ledger atomically; call only inside `transaction`."""
+        if not self.marker.is_file():
+            created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            atomic_write(self.marker, json.dumps({"created": created}).encode())
+        atomic_write(self.path, ledger.to_json().encode())
 
-        text = ledger.to_json()
-        self.state[self.key] = ConfigRecord({"json": text})
-        if self.path is not None:
-            atomic_write(self.path, text.encode())
+    def reset(self, budget: PrivacyBudget) -> PrivacyLedger:
+        """The data owner declares a lost ledger's records unspent: a fresh ledger, the reset recorded."""
+        with self.locked():
+            if self.path.is_file():
+                raise LedgerError(f"{self.path} exists; reset only replaces a lost ledger (change a budget with `dpfl ledger budget`)")
+            if not self.marker.is_file():
+                raise LedgerError(f"{self.directory} never held a ledger; there is nothing to reset")
+            ledger = PrivacyLedger.create(budget, "dpfl ledger reset", event="reset")
+            self.save(ledger)
+        return ledger
+
+
+def ledger_directory(node_ledger_dir: str, run_ledger_dir: str, simulated: bool) -> Path:
+    """Where a client's ledger lives: the node's own directory; the run's only in a simulation.
+
+    A real client's ledger protects its owner's records, so no server's run config may move
+    it; in a simulation one person owns all the data and the run config says where it goes.
+    """
+    if node_ledger_dir:
+        return Path(node_ledger_dir).expanduser()
+    if simulated and run_ledger_dir:
+        return Path(run_ledger_dir).expanduser()
+    raise LedgerError(
+        "this client has no privacy ledger directory, so the privacy its data spends would be "
+        "forgotten; start the SuperNode with --node-config 'ledger-dir=\"/path/kept/across/runs\"'"
+    )
+
+
+def set_budget(directory: Path, budget: PrivacyBudget) -> PrivacyLedger:
+    """The data owner's `dpfl ledger budget`: create the ledger with `budget`, or change its budget."""
+    ledger_file = LedgerFile(directory)
+    with ledger_file.transaction() as ledger:
+        if ledger is None:
+            ledger = PrivacyLedger.create(budget, "dpfl ledger budget")
+        else:
+            ledger.accept_owner_budget(budget, "dpfl ledger budget")
+        ledger_file.save(ledger)
+    return ledger
+
+
+def read_ledger(directory: Path) -> PrivacyLedger:
+    """The ledger in `directory`, read under its lock, for showing."""
+    with LedgerFile(directory).transaction() as ledger:
+        if ledger is None:
+            raise LedgerError(f"{directory} holds no privacy ledger")
+        return ledger

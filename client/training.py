@@ -1,4 +1,4 @@
-"""One client's round: check the ledger, run DP-SGD with Opacus, record what was spent.
+"""One client's round: charge the privacy ledger, then run DP-SGD with Opacus.
 
 This is the `task.py` of Flower's templates for the client side: plain functions that
 know nothing about Messages, so they can be called and tested directly.
@@ -12,22 +12,33 @@ import math
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import RecordDict
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from client.ledger import LedgerStore, PrivacyBudget, PrivacyLedger, dataset_key, ledger_dir
+from client.ledger import (
+    LedgerError,
+    LedgerFile,
+    NoisePlan,
+    PrivacyBudget,
+    PrivacyLedger,
+    dataset_key,
+    epsilon_after,
+    ledger_directory,
+    plan_noise,
+    record_ids,
+)
 from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, resolve_data_dir, tensor_loader
+from common.errors import DpflError
 from common.model import build_model, fixed_features, split
-from common.privacy import sample_rate, steps_per_epoch
+from common.privacy import History, sample_rate, steps_per_epoch
 from common.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -39,111 +50,195 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a client releases after a round: weights only if it trained."""
+    """What a client releases after a round: weights only if it trained.
+
+    `epsilon` is the largest cumulative epsilon of any record of the client's data, after
+    this round's charge; NaN when a refusal came before the ledger could be read.
+    """
 
     state_dict: dict[str, torch.Tensor] | None
     num_examples: int
-    train_loss: float
     epsilon: float
     delta: float
     refusal: str | None = None
 
 
-def budget_for(run: RunConfig, node: NodeConfig) -> PrivacyBudget:
-    """The client's budget: its own node config wins over what the run proposes.
+def proposed_budget(run: RunConfig) -> PrivacyBudget:
+    """What the run proposes to spend per record; the ledger and the node config can only lower it.
 
     Under central DP the run's budget is the server's, per client; a client then adds no
     noise of its own (its ledger counts the rounds as non-private releases to the trusted
-    server) unless its node config sets a budget, which it then spends with DP-SGD as usual.
+    server) unless its ledger or node config holds a finite budget, which it then spends with
+    DP-SGD as usual.
     """
-    proposed = math.inf if run.privacy.dp_mode == "central" else run.privacy.target_epsilon
-    return PrivacyBudget(
-        epsilon=node.target_epsilon if node.target_epsilon is not None else proposed,
-        delta=node.target_delta if node.target_delta is not None else run.privacy.target_delta,
-    )
+    epsilon = math.inf if run.privacy.dp_mode == "central" else run.privacy.target_epsilon
+    return PrivacyBudget(epsilon, run.privacy.target_delta)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A round the ledger has paid for: its plan, steps, and the data's epsilon with it."""
+
+    plan: NoisePlan
+    steps: int
+    epsilon: float
+    delta: float
 
 
 def train_round(
     global_state: dict[str, torch.Tensor],
     run: RunConfig,
     node: NodeConfig,
-    state: RecordDict,
     run_key: str,
+    simulated: bool = False,
 ) -> RoundOutcome:
     """Train on this client's shard for one round of run `run_key`, unless the ledger forbids it.
 
-    `state` is the node's Flower state (`context.state`); the ledger is kept there and, with
-    a ledger directory, on disk.
+    The ledger lives in the node's `ledger-dir`; in a simulation (`simulated`) the run's may
+    stand in for it. The round is charged to the ledger before training, so an update is never
+    released without having been paid for.
     """
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
-    budget = budget_for(run, node)
-    if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
-        check_delta(budget.delta, len(shard))
-    data_key = dataset_key(*shard.tensors)
-    store = LedgerStore(state, ledger_dir(run, node), data_key)
-    ledger = store.load(budget, run.privacy.accountant)
-    batch_size = run.training.batch_size
-    ledger.plan_run(
-        run_key,
-        num_examples=len(shard),
-        batch_size=batch_size,
-        local_epochs=run.training.local_epochs,
-        num_rounds=run.federation.num_server_rounds,
-        noise_multiplier=run.privacy.noise_multiplier,
-    )
-    steps = run.training.local_epochs * steps_per_epoch(len(shard), batch_size)
-    refusal = ledger.refusal(steps, sample_rate(len(shard), batch_size))
-    if refusal is not None:
-        log.warning("client %d refuses to train: %s", node.partition_id, refusal)
-        return RoundOutcome(None, 0, 0.0, ledger.epsilon, ledger.budget.delta, refusal)
+    ids = record_ids(*shard.tensors)
+    data_key = dataset_key(ids)
+    try:
+        directory = ledger_directory(node.ledger_dir, run.privacy.ledger_dir, simulated)
+        charge = charge_round(LedgerFile(directory), np.unique(ids), len(shard), run, node, f"{run_key}:{data_key}")
+    except LedgerError as err:
+        log.warning("client %d refuses to train: %s", node.partition_id, err)
+        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, str(err))
+    if isinstance(charge, RoundOutcome):
+        log.warning("client %d refuses to train: %s", node.partition_id, charge.refusal)
+        return charge
 
     model = build_model(run.training.model)
     model.load_state_dict(global_state)
-    trainable, inputs = _training_inputs(model, shard, data_key, ledger_dir(run, node))
-    loss = dp_train(trainable, inputs, ledger, run)
-    store.save(ledger)
-    return RoundOutcome(model.state_dict(), len(shard), loss, ledger.epsilon, ledger.budget.delta)
+    trainable, inputs = _training_inputs(model, shard, data_key, directory)
+    plan = charge.plan
+    taken = dp_train(trainable, inputs, plan, run)
+    if taken != ((plan.noise_multiplier, plan.sample_rate, charge.steps),):
+        raise DpflError(
+            f"DP-SGD ran {taken} but the ledger was charged {charge.steps} steps at noise "
+            f"{plan.noise_multiplier:.4g} and rate {plan.sample_rate:.4g}; the update is withheld"
+        )
+    return RoundOutcome(model.state_dict(), len(shard), charge.epsilon, charge.delta)
 
 
-#: Fixed-feature inputs of recently trained shards, kept per process up to this many bytes
-#: for clients without a state directory: a process may train many rounds, and a shard's
-#: ScatterNet features take seconds to compute but never change. They are kept in half
-#: precision, which halves them (48 MB per 6,000 images) and leaves validation accuracy unchanged.
-INPUT_CACHE_BYTES = 2 * 2**30
-_input_cache: OrderedDict[tuple[str, str], TensorDataset] = OrderedDict()
+def charge_round(
+    ledger_file: LedgerFile, records: np.ndarray, num_examples: int, run: RunConfig, node: NodeConfig, plan_key: str
+) -> Charge | RoundOutcome:
+    """In one locked ledger transaction: the budget, the run's noise plan, the check, the charge.
+
+    Returns the charge, or a refusal (an outcome without weights) when the round would push
+    any of `records` past the budget.
+    """
+    privacy, training = run.privacy, run.training
+    proposed = proposed_budget(run)
+    owner = PrivacyBudget(
+        node.target_epsilon if node.target_epsilon is not None else proposed.epsilon,
+        node.target_delta if node.target_delta is not None else proposed.delta,
+    )
+    owner_set = node.target_epsilon is not None or node.target_delta is not None
+    with ledger_file.transaction() as ledger:
+        if ledger is None:
+            ledger = PrivacyLedger.create(owner, "node config" if owner_set else "run config")
+        elif owner_set:
+            ledger.accept_owner_budget(
+                PrivacyBudget(
+                    owner.epsilon if node.target_epsilon is not None else ledger.budget.epsilon,
+                    owner.delta if node.target_delta is not None else ledger.budget.delta,
+                ),
+                "node config",
+            )
+        budget = PrivacyBudget(min(ledger.budget.epsilon, proposed.epsilon), min(ledger.budget.delta, proposed.delta))
+        if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
+            check_delta(budget.delta, num_examples)
+        spent = ledger.spent(records)
+        plan = ledger.plans.get(plan_key)
+        if plan is None:
+            plan = plan_noise(
+                plan_key,
+                budget,
+                spent,
+                privacy.accountant,
+                num_examples,
+                training.batch_size,
+                training.local_epochs,
+                run.federation.num_server_rounds,
+                privacy.noise_multiplier,
+            )
+            if plan is not None:
+                ledger.keep_plan(plan_key, plan)
+        steps = training.local_epochs * steps_per_epoch(num_examples, training.batch_size)
+        refusal = _refusal(ledger, spent, records, plan, steps, sample_rate(num_examples, training.batch_size), budget, privacy.accountant)
+        if refusal is None:
+            ledger.charge(records, plan.noise_multiplier, plan.sample_rate, steps)
+            ledger.accountant = privacy.accountant
+        ledger_file.save(ledger)
+    epsilon = ledger.epsilon(records, privacy.accountant, budget.delta)
+    if refusal is not None:
+        return RoundOutcome(None, 0, epsilon, budget.delta, refusal)
+    return Charge(plan, steps, epsilon, budget.delta)
+
+
+def _refusal(
+    ledger: PrivacyLedger,
+    spent: set[History],
+    records: np.ndarray,
+    plan: NoisePlan | None,
+    steps: int,
+    rate: float,
+    budget: PrivacyBudget,
+    mechanism: str,
+) -> str | None:
+    """Why a round of `steps` steps at sampling rate `rate` must be refused, or None.
+
+    Only epsilon figures go into the reason, which leaves the client: how many records are
+    spent would tell the server about the data's past.
+    """
+
+    def exhausted() -> str:
+        return (
+            f"privacy budget exhausted: epsilon spent {ledger.epsilon(records, mechanism, budget.delta):.3f} "
+            f"of {budget.epsilon:g} (delta = {budget.delta:g})"
+        )
+
+    if plan is None:
+        return f"{exhausted()}; nothing is left for this run"
+    if rate != plan.sample_rate:
+        return (
+            f"the round's sampling rate {rate:.4g} differs from the planned "
+            f"{plan.sample_rate:.4g} (batch-size changed mid-run); the noise plan would not hold"
+        )
+    after = epsilon_after(spent, plan, steps, mechanism, budget.delta)
+    if after > budget.epsilon:
+        return f"{exhausted()}; this round would reach {after:.3f}"
+    return None
 
 
 def _training_inputs(
-    model: nn.Module, shard: TensorDataset, key: str, state_dir: str
+    model: nn.Module, shard: TensorDataset, key: str, state_dir: Path
 ) -> tuple[nn.Module, TensorDataset]:
     """What DP-SGD trains and on what: the model on the shard, or its head on its fixed features.
 
-    A client with a state directory (its ledger's) keeps the features there and reads them
-    back every round, in tens of milliseconds: Flower's simulation hands a client to whichever
-    Ray actor is free, and a file serves every actor without each holding every client's
-    features in memory. Without one, they stay in this process' memory cache.
+    A shard's fixed features take seconds to compute but never change, so the client keeps
+    them in its state directory (its ledger's), in half precision, and reads them back every
+    round in tens of milliseconds: Flower's simulation hands a client to whichever Ray actor
+    is free, and a file serves every actor without each holding every client's features.
     """
     trainable, transform = split(model)
     if transform is None:
         return trainable, shard
     labels = shard.tensors[1]
-    if state_dir:
-        path = Path(state_dir) / f"features-{type(model).__name__.lower()}-{key}.pt"
-        features = _stored_features(path, len(labels))
-        if features is None:
-            features = _compute_features(model, shard).tensors[0]
-            buffer = io.BytesIO()
-            torch.save(features, buffer)
-            atomic_write(path, buffer.getvalue())
-        return trainable, TensorDataset(features, labels)
-    cache_key = (type(model).__name__, key)
-    if cache_key not in _input_cache:
-        _input_cache[cache_key] = _compute_features(model, shard)
-        while len(_input_cache) > 1 and sum(d.tensors[0].nbytes for d in _input_cache.values()) > INPUT_CACHE_BYTES:
-            _input_cache.popitem(last=False)
-    _input_cache.move_to_end(cache_key)
-    return trainable, _input_cache[cache_key]
+    path = state_dir / f"features-{type(model).__name__.lower()}-{key}.pt"
+    features = _stored_features(path, len(labels))
+    if features is None:
+        features = _compute_features(model, shard).tensors[0]
+        buffer = io.BytesIO()
+        torch.save(features, buffer)
+        atomic_write(path, buffer.getvalue())
+    return trainable, TensorDataset(features, labels)
 
 
 def _compute_features(model: nn.Module, shard: TensorDataset) -> TensorDataset:
@@ -165,47 +260,43 @@ def _stored_features(path: Path, count: int) -> torch.Tensor | None:
     return features if isinstance(features, torch.Tensor) and len(features) == count else None
 
 
-def dp_train(model: nn.Module, shard: TensorDataset, ledger: PrivacyLedger, run: RunConfig) -> float:
-    """DP-SGD over `shard` for the configured local epochs; returns the mean batch loss.
+def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: RunConfig) -> History:
+    """DP-SGD over `shard` for the configured local epochs; returns the steps Opacus accounted.
 
-    Poisson sampling, per-sample clipping and Gaussian noise come from Opacus. The engine
-    counts steps into the ledger's own accountant, restored from earlier rounds, so epsilon
-    keeps accumulating across rounds. Sampling and noise are deliberately not seeded from
-    the config: noise that the server could regenerate from a known seed protects nothing.
+    Poisson sampling, per-sample clipping and Gaussian noise come from Opacus, with the
+    plan's noise multiplier. The ledger was charged before this runs; the history Opacus'
+    own accountant counts is returned so the caller can check that the two agree. Sampling
+    and noise are deliberately not seeded from the config: noise that the server could
+    regenerate from a known seed protects nothing.
 
     Clipping is Opacus' ghost clipping (`grad_sample_mode="ghost"`): it gets each example's
     gradient norm without materialising the per-sample gradients, then backpropagates the
-    loss reweighted by the clipping factors. Same flat clipping and noise as the hooks mode,
-    at a fraction of the cost (`dpfl bench`: 0.53 s -> 0.07 s per epoch of the ScatterNet head).
+    loss reweighted by the clipping factors: the same flat clipping and noise as the hooks
+    mode, at a fraction of the cost.
     """
     training = run.training
     loader = tensor_loader(shard, batch_size=training.batch_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=training.learning_rate, momentum=training.momentum
     )
-    engine = PrivacyEngine(accountant=ledger.accountant.mechanism())
-    engine.accountant = ledger.accountant
+    engine = PrivacyEngine(accountant=run.privacy.accountant)
     private_model, optimizer, criterion, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         criterion=nn.CrossEntropyLoss(),
         data_loader=loader,
-        noise_multiplier=ledger.plan.noise_multiplier,
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=run.privacy.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode="ghost",
     )
     private_model.train()
-    losses = []
     epochs = tqdm(
         range(training.local_epochs), desc="local epochs", leave=False, disable=not sys.stderr.isatty()
     )
     for _ in epochs:
         for images, labels in private_loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(private_model(images), labels)
-            loss.backward()
+            criterion(private_model(images), labels).backward()
             optimizer.step()
-            if len(labels):
-                losses.append(loss.item())
-    return sum(losses) / max(len(losses), 1)
+    return tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)

@@ -140,13 +140,16 @@ class PrivacyConfig:
         1.0, "per-sample gradient clipping norm", low=0.0, low_open=True
     )
     accountant: str = _option(
-        "prv", "Opacus privacy accountant", choices=("prv", "rdp", "gdp")
+        "prv",
+        "Opacus privacy accountant; both are upper bounds (Opacus' gdp is an approximation, "
+        "so it may not enforce a budget)",
+        choices=("prv", "rdp"),
     )
     ledger_dir: str = _option(
         "",
-        "simulated clients keep their ledgers in <ledger-dir>/client-<partition-id>/, so "
-        "spent budget carries over to later runs; empty: dpfl simulate keeps them in the run "
-        "directory, flwr run in each SuperNode's memory",
+        "simulations only: the privacy ledger of the simulated data set, so spent budget "
+        "carries over to later runs on the same records; empty: the run directory's ledgers/. "
+        "Real clients ignore it and use their node config's ledger-dir",
     )
     dp_mode: str = _option(
         "local",
@@ -259,7 +262,11 @@ class NodeConfig:
         None, "this client's own delta", low=0.0, high=1.0, low_open=True, high_open=True
     )
     data_dir: str = _option("", "this client's MNIST directory; empty means the run's")
-    ledger_dir: str = _option("", "directory where the privacy ledger is persisted")
+    ledger_dir: str = _option(
+        "",
+        "directory of this client's privacy ledger, kept across runs; a real client refuses "
+        "to train without one",
+    )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NodeConfig:

@@ -42,18 +42,40 @@ LEDGERS_DIR = "ledgers"
 
 @dataclass(frozen=True)
 class RoundRow:
-    """One line of `rounds.csv`."""
+    """One line of `rounds.csv`.
+
+    Every column is the server's own: test metrics on its test set, the run's (epsilon,
+    delta) bound, counts of clients and the wall time. No value a client computed from its
+    data outside the DP mechanism (a training loss, say) has a column: this file is published.
+    `clients_unreported` counts the clients sent this round's instruction whose epsilon never
+    came back readable; under local DP `epsilon` is then at least target-epsilon, their bound.
+    """
 
     round: int
     test_accuracy: float
     test_loss: float
     epsilon: float
     delta: float
-    train_loss: float
     clients_trained: int
     clients_refused: int
     clients_rejected: int
+    clients_unreported: int
     seconds: float
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> RoundRow:
+        """A row from a checkpoint, also one an older version wrote.
+
+        Keys this version no longer has (an older version's `train_loss`) are dropped, not
+        carried into the results; a count an older version did not keep reads 0.
+        """
+        names = {field.name for field in fields(cls)}
+        known = {key: value for key, value in saved.items() if key in names}
+        return cls(**{**_NOT_KEPT_BEFORE, **known})
+
+
+#: Columns an older version did not write, with the value its rows get on resuming.
+_NOT_KEPT_BEFORE: dict[str, Any] = {"clients_unreported": 0}
 
 
 class RunDirectory:
@@ -84,15 +106,15 @@ class RunDirectory:
 
     @classmethod
     def create(
-        cls, config: RunConfig, model: dict[str, torch.Tensor] | None = None, own_ledgers: bool = False
+        cls, config: RunConfig, model: dict[str, torch.Tensor] | None = None
     ) -> RunDirectory:
         """A fresh run directory holding `config.toml`, an empty `rounds.csv` and round 0.
 
         Round 0 is `model`, by default the config's model with its seeded initial weights.
 
-        With `own_ledgers` (simulations, where every client runs on this machine) a config
-        without a ledger directory keeps the clients' ledgers in the run directory, so they
-        survive a crash of the process and a resume continues them.
+        A config without a ledger directory proposes the run directory's `ledgers/`: simulated
+        clients keep their ledger there, so it survives a crash and a resume continues it. Real
+        clients never take a ledger location from the run config.
         """
         root = Path(config.output_dir).expanduser().resolve()
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -106,7 +128,7 @@ class RunDirectory:
                 continue
         else:
             raise FileExistsError(f"could not create a fresh run directory under {root}")
-        if own_ledgers and not config.privacy.ledger_dir:
+        if not config.privacy.ledger_dir:
             privacy = dataclasses.replace(config.privacy, ledger_dir=str(path / LEDGERS_DIR))
             config = dataclasses.replace(config, privacy=privacy)
         # The random part keeps two servers' runs apart even with equal names and clocks.
@@ -128,7 +150,8 @@ class RunDirectory:
         config = RunConfig.from_mapping(load_toml(path / CONFIG_FILE))
         try:
             saved = torch.load(path / CHECKPOINT_FILE, weights_only=True)
-            rows = [RoundRow(**row) for row in saved["rows"]]
+            rows = [RoundRow.from_saved(row) for row in saved["rows"]]
+            older = any(set(_NOT_KEPT_BEFORE) - set(row) for row in saved["rows"])
             run_key, model = str(saved["run-key"]), saved["model"]
             central_history = [tuple(entry) for entry in saved["central-history"]]
         except FileNotFoundError:
@@ -138,6 +161,13 @@ class RunDirectory:
         summary = path / SUMMARY_FILE
         if summary.is_file():
             raise DpflError(f"{path} already finished ({summary.name} is written); start a new run instead")
+        if older:
+            log.warning(
+                "%s was checkpointed by an older dpfl: the epsilon of its first %d round(s) counts "
+                "only clients whose reply the server accepted, not those it rejected or never heard from",
+                path,
+                len(rows),
+            )
         run_dir = cls(path, config, run_key, rows, model, central_history)
         run_dir._write_rounds()
         log.info("resuming %s after round %d of %d", path, len(rows), config.federation.num_server_rounds)

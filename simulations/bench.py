@@ -13,15 +13,15 @@ import copy
 import dataclasses
 import logging
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import torch
-from flwr.app import RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.ledger import PrivacyBudget, PrivacyLedger
+from client.ledger import PrivacyBudget, plan_noise
 from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir, tensor_loader
@@ -51,10 +51,13 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
     epochs = config.training.local_epochs
     start = time.perf_counter()
     if private:
-        ledger = PrivacyLedger.empty(PrivacyBudget(config.privacy.target_epsilon, config.privacy.target_delta), config.privacy.accountant)
-        ledger.plan_run("bench", len(inputs), config.training.batch_size, epochs, config.federation.num_server_rounds)
+        privacy = config.privacy
+        plan = plan_noise(
+            "bench", PrivacyBudget(privacy.target_epsilon, privacy.target_delta), {()}, privacy.accountant,
+            len(inputs), config.training.batch_size, epochs, config.federation.num_server_rounds,
+        )
         start = time.perf_counter()  # noise planning is once per run, not per epoch
-        dp_train(model, inputs, ledger, config)
+        dp_train(model, inputs, plan, config)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate, momentum=config.training.momentum)
         for _ in range(epochs):
@@ -89,21 +92,25 @@ def run_without_flower(config: RunConfig, scored_on: TensorDataset | None = None
     """The same rounds in one process: every client's `train_round`, FedAvg, central evaluation.
 
     The final model is scored on `scored_on`, given as the trained module sees it
-    (`fixed_features`); by default on the test set, as the server scores it. Ledgers live in
-    memory only, fresh for every call, whatever `ledger-dir` says.
+    (`fixed_features`); by default on the test set, as the server scores it. The clients'
+    ledger is a temporary directory, fresh for every call, whatever `ledger-dir` says.
     """
+    with tempfile.TemporaryDirectory(prefix="dpfl-bench-ledger-") as ledger_dir:
+        config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, ledger_dir=ledger_dir))
+        return _rounds_in_process(config, scored_on, run_key)
+
+
+def _rounds_in_process(config: RunConfig, scored_on: TensorDataset | None, run_key: str) -> dict[str, float]:
     start = time.perf_counter()
-    config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, ledger_dir=""))
     model = build_model(config.training.model, seed=config.seed)
     evaluated, _ = split(model)
     if scored_on is None:
         scored_on = fixed_features(model, load_mnist(resolve_data_dir(config.data.data_dir), train=False))
     clients = config.federation.num_clients
-    states = [RecordDict() for _ in range(clients)]
     accuracy, epsilon = 0.0, 0.0
     for _ in range(config.federation.num_server_rounds):
         outcomes = [
-            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), states[i], run_key)
+            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), run_key, simulated=True)
             for i in range(clients)
         ]
         trained = [o for o in outcomes if o.state_dict is not None]

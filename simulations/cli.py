@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from common.config import RunConfig
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations import audit_cli, bench_cli, model_cli, plan_cli, sweep, tls, tune
+from simulations import audit_cli, bench_cli, ledger_cli, model_cli, plan_cli, sweep, tls, tune
 from simulations.presets import add_config_arguments, load_preset
 
 if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl plan` fast
@@ -52,13 +52,20 @@ def simulate(config: RunConfig, client_app: ClientApp | None = None) -> dict[str
     """Run one federated simulation in this process and return its summary.
 
     `client_app` replaces dpfl's own ClientApp (tests use it to bring in faulty clients).
+    The run directory also gets `label-distribution.png`, each simulated client's labels.
     """
     from common.data import ensure_mnist, resolve_data_dir
+    from server.plots import plot_label_distribution
     from server.results import RunDirectory
 
     config = _absolute_paths(config)
-    ensure_mnist(resolve_data_dir(config.data.data_dir))  # fail before Ray starts, not inside it
-    return _run_simulation(RunDirectory.create(config, own_ledgers=True), client_app)
+    data_dir = resolve_data_dir(config.data.data_dir)
+    ensure_mnist(data_dir)  # fail before Ray starts, not inside it
+    run_dir = RunDirectory.create(config)
+    # The simulation cuts the partition itself, so it may draw it. `flwr run .` against real
+    # SuperNodes goes to run_federation directly and never does: their data is their own.
+    plot_label_distribution(run_dir.path, run_dir.config, data_dir)
+    return _run_simulation(run_dir, client_app)
 
 
 def resume(path: Path, client_app: ClientApp | None = None) -> dict[str, Any]:
@@ -107,7 +114,7 @@ def _drop_feature_caches(ledger_dir: str) -> None:
     An interrupted run keeps them, so that `--resume` need not recompute them.
     """
     if ledger_dir:
-        for path in Path(ledger_dir).glob("client-*/features-*.pt"):
+        for path in Path(ledger_dir).glob("features-*.pt"):
             path.unlink(missing_ok=True)
 
 
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.add_commands(commands)
     tls.add_commands(commands)
     plan_cli.add_commands(commands)
+    ledger_cli.add_commands(commands)
     sweep.add_commands(commands)
     audit_cli.add_commands(commands)
     bench_cli.add_commands(commands)

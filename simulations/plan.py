@@ -1,7 +1,7 @@
 """`dpfl plan`'s figures: what a config will cost in privacy, per client, before any training.
 
-The figures come from the client's own ledger code (`client.ledger.PrivacyLedger`), so the
-plan is what the clients will do, not a second model of it. `simulations.plan_cli` prints them.
+The figures come from the client's own planning code (`client.ledger.plan_noise`), so the
+plan is what clients with fresh records will do, not a second model of it. `simulations.plan_cli` prints them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from client.ledger import PrivacyBudget, PrivacyLedger
+from client.ledger import PrivacyBudget, epsilon_after, plan_noise
 from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir, shard_indices
 from common.model import build_model
@@ -48,12 +48,16 @@ def plan(config: RunConfig) -> list[ClientPlan]:
 def _plan_group(config: RunConfig, ids: list[int], size: int, parameters: int) -> ClientPlan:
     privacy, training = config.privacy, config.training
     rounds = config.federation.num_server_rounds
-    ledger = PrivacyLedger.empty(PrivacyBudget(privacy.target_epsilon, privacy.target_delta), privacy.accountant)
-    noise_plan = ledger.plan_run(
-        "plan", size, training.batch_size, training.local_epochs, rounds, privacy.noise_multiplier
+    budget = PrivacyBudget(privacy.target_epsilon, privacy.target_delta)
+    fresh = {()}
+    noise_plan = plan_noise(
+        "plan", budget, fresh, privacy.accountant, size, training.batch_size, training.local_epochs, rounds,
+        privacy.noise_multiplier,
     )
     steps = noise_plan.steps_per_round
-    epsilons = [ledger.epsilon_after(k * steps) for k in range(1, rounds + 1)]
+    epsilons = [
+        epsilon_after(fresh, noise_plan, k * steps, privacy.accountant, privacy.target_delta) for k in range(1, rounds + 1)
+    ]
     warnings = []
     expected_batch = noise_plan.sample_rate * size
     ratio = noise_plan.noise_multiplier * math.sqrt(parameters) / expected_batch

@@ -22,11 +22,15 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def client_context():
-    """Client 0 of 2, as a fresh SuperNode sees itself."""
-    return Context(
-        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
-    )
+@pytest.fixture
+def client_context(tmp_path):
+    """Client 0 of 2, as a fresh SuperNode with its own ledger directory sees itself."""
+
+    def context(**node_config):
+        node = {"partition-id": 0, "num-partitions": 2, "ledger-dir": str(tmp_path / "ledger")} | node_config
+        return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+
+    return context
 
 
 def train_message(config, server_round):
@@ -39,7 +43,7 @@ def train_message(config, server_round):
     return Message(record, dst_node_id=5, message_type="train")
 
 
-def test_client_trains_then_refuses_once_its_budget_is_spent(tiny_config):
+def test_client_trains_then_refuses_once_its_budget_is_spent(tiny_config, client_context):
     context = client_context()
     rounds = tiny_config.federation.num_server_rounds
     for server_round in range(1, rounds + 1):
@@ -54,7 +58,7 @@ def test_client_trains_then_refuses_once_its_budget_is_spent(tiny_config):
     assert 0 < reply.content[METRICS_KEY][EPSILON] <= tiny_config.privacy.target_epsilon
 
 
-def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_config):
+def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_config, client_context):
     """Under central DP with client-side clipping, Flower's fixedclipping_mod clips the update."""
     central = dataclasses.replace(
         tiny_config, privacy=dataclasses.replace(tiny_config.privacy, dp_mode="central", target_delta=0.1)
@@ -81,7 +85,7 @@ def fit_message(config, arrays):
     return Message(compat.fitins_to_recorddict(fit_ins, keep_input=True), dst_node_id=5, message_type="train")
 
 
-def test_client_answers_secagg_fit_instructions_with_the_same_training(tiny_config):
+def test_client_answers_secagg_fit_instructions_with_the_same_training(tiny_config, client_context):
     context = client_context()
     arrays = [tensor.numpy() for tensor in build_model("cnn", seed=0).state_dict().values()]
     for _ in range(tiny_config.federation.num_server_rounds):
@@ -115,3 +119,20 @@ def test_secagg_stage_messages_are_answered_by_flowers_mod():
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     reply = app(Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=5, message_type="train"), context)
     assert {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2} <= set(reply.content.config_records[RECORD_KEY_CONFIGS])
+
+
+def test_a_real_supernode_without_a_ledger_directory_refuses_and_says_how_to_set_one(tiny_config, tmp_path):
+    # The run config names a ledger directory: a real client must not take its ledger from it.
+    proposal = dataclasses.replace(tiny_config, privacy=dataclasses.replace(tiny_config.privacy, ledger_dir=str(tmp_path / "run")))
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    reply = app(train_message(proposal, 1), context)
+    assert ARRAYS_KEY not in reply.content
+    assert "--node-config 'ledger-dir=" in reply.content[REFUSAL_KEY]["reason"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_train_reply_carries_only_what_the_dp_mechanism_covers(tiny_config, client_context):
+    """The weights, and metrics that are public (examples) or the accountant's (epsilon, delta)."""
+    reply = app(train_message(tiny_config, 1), client_context())
+    assert set(reply.content.keys()) == {ARRAYS_KEY, METRICS_KEY}
+    assert set(reply.content[METRICS_KEY].keys()) == {NUM_EXAMPLES, EPSILON, "delta"}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.ledger import PrivacyBudget, PrivacyLedger
+from client.ledger import PrivacyBudget, plan_noise
 from client.training import dp_train
 
 
@@ -41,9 +41,8 @@ def test_one_step_equals_the_clipped_mean_of_per_example_gradients(tiny_config, 
         training=dataclasses.replace(tiny_config.training, batch_size=len(data), local_epochs=1, learning_rate=1.0, momentum=0.0),
         privacy=dataclasses.replace(tiny_config.privacy, max_grad_norm=clip),
     )
-    ledger = PrivacyLedger.empty(PrivacyBudget(math.inf, 1e-5), "prv")
-    ledger.plan_run("test", len(data), len(data), 1, 1)
-    dp_train(model, data, ledger, run)
+    plan = plan_noise("test", PrivacyBudget(math.inf, 1e-5), {()}, "prv", len(data), len(data), 1, 1)
+    assert dp_train(model, data, plan, run) == ((0.0, 1.0, 1),)  # what Opacus counted: one step, no noise
 
     for old, new, gradient in zip(before, model.parameters(), expected):
         torch.testing.assert_close(old - new.detach(), gradient, rtol=1e-4, atol=1e-6)

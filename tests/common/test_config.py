@@ -57,7 +57,7 @@ def test_secure_aggregation_is_off_by_default_and_checked_only_when_on():
         ({"num-clients": 101, "train-subset": 100}, "num-clients = 101 is invalid: more clients than training samples (100)"),
         ({"num-clients": 60_001}, "more clients than training samples (60000)"),
         ({"partitioner": "shards"}, "partitioner = 'shards' is invalid: must be one of: iid, dirichlet"),
-        ({"accountant": "moments"}, "accountant = 'moments' is invalid: must be one of: prv, rdp, gdp"),
+        ({"accountant": "moments"}, "accountant = 'moments' is invalid: must be one of: prv, rdp"),
         ({"fraction-train": 0}, "fraction-train = 0 is invalid: must be a number in (0, 1]"),
         ({"train-subset": 70_000}, "train-subset = 70000 is invalid: must be an integer in [0, 60000]"),
         ({"batch-size": "64x"}, "batch-size = '64x' is invalid"),

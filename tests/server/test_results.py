@@ -12,7 +12,7 @@ from server.results import CHECKPOINT_FILE, LEDGERS_DIR, ROUNDS_FILE, SUMMARY_FI
 
 
 def row(k: int) -> RoundRow:
-    return RoundRow(k, 0.5 + k / 100, 1.0 / k, 0.1 * k, 1e-5, 2.0 / k, 2, 0, 0, 10.0 * k)
+    return RoundRow(k, 0.5 + k / 100, 1.0 / k, 0.1 * k, 1e-5, 2, 0, 0, k % 2, 10.0 * k)
 
 
 def csv_rounds(run_dir) -> list[int]:
@@ -23,7 +23,7 @@ def csv_rounds(run_dir) -> list[int]:
 @pytest.fixture
 def started(tiny_config):
     model = build_model("cnn", seed=0).state_dict()
-    return RunDirectory.create(tiny_config, model, own_ledgers=True), model
+    return RunDirectory.create(tiny_config, model), model
 
 
 def test_a_simulation_keeps_its_ledgers_in_its_run_directory(started, tiny_config):
@@ -31,7 +31,7 @@ def test_a_simulation_keeps_its_ledgers_in_its_run_directory(started, tiny_confi
     assert run_dir.config.privacy.ledger_dir == str(run_dir.path / LEDGERS_DIR)
     assert RunDirectory.resume(run_dir.path).config == run_dir.config  # written to config.toml
     elsewhere = dataclasses.replace(tiny_config, privacy=dataclasses.replace(tiny_config.privacy, ledger_dir="/l"))
-    assert RunDirectory.create(elsewhere, {}, own_ledgers=True).config.privacy.ledger_dir == "/l"
+    assert RunDirectory.create(elsewhere, {}).config.privacy.ledger_dir == "/l"
 
 
 def test_resume_continues_after_the_last_checkpointed_round(started):
@@ -81,3 +81,34 @@ def test_runs_that_cannot_be_resumed_say_why(started, damage, message):
     damage(run_dir.path)
     with pytest.raises(DpflError, match=message):
         RunDirectory.resume(run_dir.path)
+
+
+def csv_header(run_dir) -> list[str]:
+    with (run_dir / ROUNDS_FILE).open() as f:
+        return next(csv.reader(f))
+
+
+def test_rounds_csv_publishes_no_client_computed_value(started):
+    """A training loss is computed from private data outside the DP mechanism: no column holds one."""
+    run_dir, model = started
+    run_dir.record_round(row(1), model)
+    header = csv_header(run_dir.path)
+    assert header == [
+        "round", "test-accuracy", "test-loss", "epsilon", "delta",
+        "clients-trained", "clients-refused", "clients-rejected", "clients-unreported", "seconds",
+    ]
+
+
+def test_a_checkpoint_of_an_older_version_resumes_without_its_train_loss(started):
+    """Older rows carry `train_loss` and lack `clients_unreported`: dropped and 0, not a crash."""
+    run_dir, model = started
+    run_dir.record_round(row(1), model)
+    saved = torch.load(run_dir.path / CHECKPOINT_FILE, weights_only=True)
+    for old in saved["rows"]:
+        old["train_loss"] = 0.42
+        del old["clients_unreported"]
+    torch.save(saved, run_dir.path / CHECKPOINT_FILE)
+
+    resumed = RunDirectory.resume(run_dir.path)
+    assert resumed.rows == [dataclasses.replace(row(1), clients_unreported=0)]
+    assert "train-loss" not in csv_header(run_dir.path) and "0.42" not in (run_dir.path / ROUNDS_FILE).read_text()

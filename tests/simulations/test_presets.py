@@ -1,5 +1,7 @@
 """The default preset's promise, checked end to end through Flower (slow: several minutes)."""
 
+import json
+
 import pytest
 
 from simulations.cli import simulate
@@ -19,5 +21,8 @@ def test_mnist_eps2_reaches_the_accuracy_floor_within_its_budget(tmp_path):
     assert summary["delta"] == 1e-5
     assert summary["test-accuracy"] >= ACCURACY_FLOOR
     # The clients' feature caches served the run and are gone; the ledgers stay.
-    assert not list(tmp_path.glob("*/ledgers/client-*/features-*.pt"))
-    assert len(list(tmp_path.glob("*/ledgers/client-*/privacy-ledger-*.json"))) == config.federation.num_clients
+    assert not list(tmp_path.glob("*/ledgers/features-*.pt"))
+    (ledger,) = tmp_path.glob("*/ledgers/privacy-ledger.json")
+    groups = json.loads(ledger.read_text())["groups"]
+    assert sum(group["records"] for group in groups) == 60_000  # every record, each with its history
+    assert max(group["epsilon"] for group in groups) == pytest.approx(summary["epsilon"], rel=1e-9)

@@ -16,6 +16,7 @@ from common.data import load_mnist
 from common.evaluation import evaluate
 from common.model import build_model
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
+from server.plots import LABELS_PLOT
 from server.results import CONFIG_FILE, MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE
 from simulations.cli import simulate
 from simulations.presets import load_preset
@@ -55,12 +56,16 @@ def test_smoke_simulation_trains_accounts_and_writes_results(tmp_path, data_dir)
     assert [row["round"] for row in rows] == [1, 2]
     assert rows[-1]["test-accuracy"] >= SMOKE_ACCURACY_FLOOR
     assert rows[-1]["clients-trained"] == 2
+    assert all(row["clients-unreported"] == 0 for row in rows)  # every epsilon came back
+    assert "train-loss" not in rows[0]  # computed from private data outside DP: never published
     for k, row in enumerate(rows, start=1):  # cumulative, equal to an independent accountant
         assert row["epsilon"] == pytest.approx(expected_epsilon(config, k), rel=1e-9)
     assert rows[0]["epsilon"] < rows[1]["epsilon"] <= config.privacy.target_epsilon
 
     saved = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert saved["rounds-completed"] == 2 and saved["stopped-early"] is None
+    assert saved["clients-unreported"] == []
+    assert (run_dir / LABELS_PLOT).is_file()  # a simulation knows its own partition
     assert saved["test-accuracy"] == rows[-1]["test-accuracy"]
     resolved = tomllib.loads((run_dir / CONFIG_FILE).read_text())
     assert resolved["target-epsilon"] == 8.0 and resolved["num-clients"] == 2
@@ -97,7 +102,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         ("num-clients=0", "num-clients = '0' is invalid: must be an integer >= 1"),
         (f"num-clients={TRAIN_SET_SIZE + 1}", "more clients than training samples"),
         ("partitioner=pathological", "partitioner = 'pathological' is invalid: must be one of: iid, dirichlet"),
-        ("accountant=moments", "accountant = 'moments' is invalid: must be one of: prv, rdp, gdp"),
+        ("accountant=moments", "accountant = 'moments' is invalid: must be one of: prv, rdp"),
         ("batch-size=big", "batch-size = 'big' is invalid: must be an integer >= 1"),
     ],
 )
