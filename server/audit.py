@@ -4,8 +4,8 @@ The accountant's epsilon is an upper bound that holds for any attacker. An audit
 concrete attacker and turns its success into a lower bound on epsilon: DP promises that no
 test can tell members from non-members better than TPR <= e^eps * FPR + delta (and
 TNR <= e^eps * FNR + delta), so an attack that does better *proves* a larger epsilon. A lower
-bound above the accountant's epsilon means a privacy bug; one far below it says this attack
-is weak, not that the model is private.
+bound above the upper bound for the same neighbouring relation (below) means a privacy bug;
+one far below it says this attack is weak, not that the model is private.
 
 The attack is the loss-threshold attack of Yeom et al. (2018, "Privacy risk in machine
 learning"): call an example a member when the model's cross-entropy on it is low. Members
@@ -26,7 +26,25 @@ things keep the figure honest:
   probability at most (1 - confidence) / 2, so the two together hold, and the bound with
   them, with probability at least `confidence` (union bound).
 
-What this audit does not prove: the DP game re-trains with and without one example, while
+**Like with like: replace-one, not add/remove.** Members against non-members asks whether a
+record was swapped for another one from the same distribution: a replace-one experiment.
+The accountants (Opacus', in the clients' ledgers and in `summary.json`) bound add/remove-one
+neighbours, one record more or fewer, and the same training has a larger replace-one epsilon
+(the default run: 1.99 add/remove, about 4.3 replace-one by a tight PLD computation, 4.53 by
+the bound used here). So the lower bound is compared with a replace-one *upper* bound derived
+from the same accounting by group privacy (`common.privacy.replace_one_epsilon`: 2 eps1, eps1
+the accountant's add/remove epsilon at a delta1 with (1 + e^eps1) delta1 <= delta), at the
+delta the lower bound uses. That needs the run's accountant history, not only its final
+epsilon. Under local DP it is rebuilt from `config.toml` as `dpfl plan` plans it (shard sizes,
+sampling rate, steps per round, the noise multiplier planned from target-epsilon, or the fixed
+noise-multiplier), with every client charged for every round `summary.json` reports completed,
+which can only over-count. Under central DP it is the server's client-level history in
+`checkpoint.pt` (a client-level bound covers a record swapped within one client's data). When
+`summary.json`'s epsilon is above what that history explains (earlier spending in a kept
+ledger, a node's own larger budget, a client whose epsilon never came back), no replace-one
+bound is claimed and nothing is compared.
+
+What this audit does not prove: the DP game re-trains on two neighbouring data sets, while
 here one trained model is tested on many examples that were not put into training at random.
 The lower bound is therefore a measured leakage figure in the standard form, not a formal
 certificate; making it one needs canaries inserted at random during training (Steinke, Nasr
@@ -43,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from opacus.accountants import create_accountant
 from scipy.stats import beta, rankdata
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -50,9 +69,17 @@ from torch.utils.data import TensorDataset
 from common.config import RunConfig, load_toml
 from common.data import load_mnist, resolve_data_dir, shard_indices
 from common.errors import DpflError
+from common.privacy import (
+    History,
+    accountant_epsilon,
+    plan_noise_multiplier,
+    replace_one_epsilon,
+    sample_rate,
+    steps_per_epoch,
+)
 from common.storage import atomic_write
 from server.export import load_model
-from server.results import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
+from server.results import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 
 AUDIT_FILE = "audit.json"
 #: False-positive rates at which the attack's true-positive rate is reported.
@@ -61,38 +88,66 @@ CONFIDENCE = 0.95
 #: Members and non-members used at most, each: enough for a tight Clopper-Pearson interval
 #: at 0.1% FPR, and inference on 20 000 MNIST images takes seconds on a CPU.
 MAX_EXAMPLES = 10_000
+#: Accountants whose epsilon is an upper bound; the replace-one bound of a run accounted with
+#: another one (Opacus' gdp is a central-limit approximation) is computed with rdp instead.
+UPPER_BOUND_ACCOUNTANTS = ("prv", "rdp")
+#: How far `summary.json`'s epsilon may exceed the rebuilt history's before the history is not
+#: trusted: the clients computed theirs with the same accountant, so only float noise.
+REBUILT_EPSILON_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
 class AuditReport:
-    """The loss-threshold attack's success on one model, next to the accountant's epsilon."""
+    """The loss-threshold attack's success on one model, next to the replace-one guarantee."""
 
     #: Area under the attack's ROC curve: 0.5 is guessing, 1.0 tells every example apart.
     auc: float
     #: Attack TPR at each false-positive rate in `FPR_LEVELS` (the fraction, not percent).
     tpr_at_fpr: dict[float, float]
-    #: Epsilon that this attack proves with `CONFIDENCE`, at the run's delta; never negative.
+    #: Replace-one epsilon that this attack proves with `CONFIDENCE`, at `delta`; never negative.
     empirical_epsilon_lower_bound: float
-    #: The accountant's cumulative epsilon; `math.inf` for a model trained without DP.
+    #: The accountant's cumulative add/remove epsilon; `math.inf` for a model trained without DP.
     accountant_epsilon: float
+    #: Upper bound on the run's replace-one epsilon at `delta`, the figure the lower bound is
+    #: compared with; `math.inf` without DP, None when the run directory does not give one.
+    replace_one_epsilon: float | None
+    #: One line: how `replace_one_epsilon` was derived, or why there is none.
+    replace_one_basis: str
     delta: float
     num_members: int
     num_non_members: int
 
+    @property
+    def lower_bound_above_replace_one_bound(self) -> bool | None:
+        """True would prove a privacy bug (or an audit bug); None: nothing to compare with."""
+        if self.replace_one_epsilon is None:
+            return None
+        return self.empirical_epsilon_lower_bound > self.replace_one_epsilon
+
     def to_json(self) -> dict[str, Any]:
-        """Kebab-case keys like `summary.json`; a non-private run's epsilon becomes null."""
+        """Kebab-case keys like `summary.json`; a non-private run's epsilons become null."""
         return {
             "auc": self.auc,
             "tpr-at-fpr": {str(level): tpr for level, tpr in self.tpr_at_fpr.items()},
             "empirical-epsilon-lower-bound": self.empirical_epsilon_lower_bound,
             "confidence": CONFIDENCE,
-            "accountant-epsilon": (
-                self.accountant_epsilon if math.isfinite(self.accountant_epsilon) else None
+            "private": math.isfinite(self.accountant_epsilon),
+            "accountant-epsilon-add-remove": _finite_or_none(self.accountant_epsilon),
+            "replace-one-epsilon-upper-bound": (
+                None
+                if self.replace_one_epsilon is None
+                else _finite_or_none(self.replace_one_epsilon)
             ),
+            "replace-one-basis": self.replace_one_basis,
+            "lower-bound-above-replace-one-bound": self.lower_bound_above_replace_one_bound,
             "delta": self.delta,
             "num-members": self.num_members,
             "num-non-members": self.num_non_members,
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 @torch.inference_mode()
@@ -235,6 +290,7 @@ def audit_model(
     *,
     delta: float,
     accountant_epsilon: float = math.inf,
+    replace_one: tuple[float | None, str] = (None, "not derived (audit_model was given none)"),
     seed: int = 0,
     max_examples: int = MAX_EXAMPLES,
 ) -> AuditReport:
@@ -244,6 +300,8 @@ def audit_model(
     attack at 0.5 is exactly guessing and the two Clopper-Pearson intervals are equally
     tight. AUC and TPR at low FPR use all sampled examples (no choice is made on them); the
     epsilon bound uses the two-half split described in the module docstring.
+    `accountant_epsilon` (add/remove) and `replace_one` (the replace-one upper bound at
+    `delta` and how it was derived, see `replace_one_bound`) are carried into the report.
     """
     count = min(len(members), len(non_members), max_examples)
     if count < 2:
@@ -265,6 +323,8 @@ def audit_model(
             scores, is_member, halves, delta
         ),
         accountant_epsilon=float(accountant_epsilon),
+        replace_one_epsilon=None if replace_one[0] is None else float(replace_one[0]),
+        replace_one_basis=replace_one[1],
         delta=float(delta),
         num_members=count,
         num_non_members=count,
@@ -284,6 +344,7 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
     refused rounds, a client may never have trained; its shard still counts as members, which
     can only dilute the attack, never inflate its figures.)
     `data_dir` overrides the run's `data-dir`, for a run directory moved to another machine.
+    The replace-one bound the lower bound is compared with comes from `replace_one_bound`.
     """
     required = (MODEL_FILE, CONFIG_FILE, SUMMARY_FILE)
     missing = [name for name in required if not (run_dir / name).is_file()]
@@ -293,7 +354,8 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
             "run's outputs/<timestamp>-<name>/"
         )
     config = RunConfig.from_mapping(load_toml(run_dir / CONFIG_FILE))
-    accountant_epsilon, delta = _privacy_spent(run_dir / SUMMARY_FILE)
+    summary = _read_summary(run_dir / SUMMARY_FILE)
+    accountant_epsilon, delta = _privacy_spent(summary, run_dir / SUMMARY_FILE)
     data_dir = data_dir or resolve_data_dir(config.data.data_dir)
     train = load_mnist(data_dir, train=True)
     shards = shard_indices(
@@ -301,20 +363,163 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
     )
     index = torch.from_numpy(np.sort(np.concatenate(shards)))
     members = TensorDataset(*(tensor[index] for tensor in train.tensors))
+    replace_one = replace_one_bound(
+        run_dir,
+        config,
+        [len(shard) for shard in shards],
+        accountant_epsilon,
+        delta,
+        _rounds_completed(summary, run_dir / SUMMARY_FILE),
+    )
     report = audit_model(
         load_model(run_dir),
         members,
         load_mnist(data_dir, train=False),
         delta=delta,
         accountant_epsilon=accountant_epsilon,
+        replace_one=replace_one,
         seed=config.seed,
     )
     atomic_write(run_dir / AUDIT_FILE, json.dumps(report.to_json(), indent=2).encode())
     return report
 
 
-def _privacy_spent(summary_file: Path) -> tuple[float, float]:
-    """(epsilon, delta) from `summary.json`; a null or absent epsilon marks a non-private run."""
+def replace_one_bound(
+    run_dir: Path,
+    config: RunConfig,
+    shard_sizes: list[int],
+    accountant_epsilon: float,
+    delta: float,
+    rounds: int | None,
+) -> tuple[float | None, str]:
+    """An upper bound on the run's replace-one epsilon at `delta`, and one line saying how.
+
+    The run's accountant history is rebuilt (module docstring, "Like with like"), checked
+    against `accountant_epsilon` (the add/remove epsilon `summary.json` reports: the history
+    must explain it), and converted by `common.privacy.replace_one_epsilon`, client group by
+    client group; the largest bound is the run's, as every record is one client's. `rounds`
+    is how many rounds completed (None: unknown, then all planned rounds are counted).
+    Returns (None, why) when no bound can be vouched for, (inf, why) for a non-private run.
+    """
+    if math.isinf(accountant_epsilon):
+        return math.inf, "non-private run (summary.json's epsilon is null): no guarantee"
+    privacy = config.privacy
+    mechanism = privacy.accountant
+    bound_mechanism = mechanism if mechanism in UPPER_BOUND_ACCOUNTANTS else "rdp"
+    counted = config.federation.num_server_rounds if rounds is None else rounds
+    substitute = (
+        ""
+        if bound_mechanism == mechanism
+        else f"; the run's {mechanism} accountant is no upper bound, so rdp gives the bound"
+    )
+    if privacy.dp_mode == "central":
+        histories, source = _central_history(run_dir)
+        if histories is None:
+            return None, source
+    else:
+        histories = _local_histories(config, sorted(set(shard_sizes)), counted)
+        source = (
+            f"DP-SGD per client replanned from config.toml as `dpfl plan` plans it, "
+            f"{counted} round(s) charged"
+        )
+        if rounds is None:
+            source += " (rounds-completed missing from summary.json: all planned ones)"
+    rebuilt = max(_history_epsilon(history, mechanism, delta) for history in histories)
+    if accountant_epsilon > rebuilt + REBUILT_EPSILON_TOLERANCE:
+        return None, (
+            f"none: summary.json's epsilon {accountant_epsilon:.4g} is above the {rebuilt:.4g} of "
+            f"the rebuilt history ({source}), so the run spent more than that history explains "
+            "(earlier spending in a kept ledger, a node's own budget, or a client whose epsilon "
+            "never came back); nothing is compared"
+        )
+    epsilon, epsilon1, delta1, history = max(
+        (*replace_one_epsilon(history, bound_mechanism, delta), history) for history in histories
+    )
+    if math.isinf(epsilon):
+        return math.inf, (
+            f"no finite bound: the {bound_mechanism} accountant's add/remove epsilon of "
+            f"{_describe(history)} is too large for any delta1 with (1 + e^eps1) delta1 <= "
+            f"{delta:g} ({source}{substitute})"
+        )
+    return epsilon, (
+        f"group privacy: 2 x {epsilon1:.4g}, the {bound_mechanism} accountant's add/remove "
+        f"epsilon at delta1 = {delta1:.3g}, where (1 + e^{epsilon1:.4g}) delta1 <= {delta:g}; "
+        f"history {_describe(history)} ({source}{substitute})"
+    )
+
+
+def _local_histories(config: RunConfig, shard_sizes: list[int], rounds: int) -> list[History]:
+    """Each client group's DP-SGD history over `rounds` rounds, planned as the clients plan it.
+
+    The same computation as `dpfl plan` and the clients' ledger for records that were never
+    trained on (`common.privacy`: sampling rate, steps, `plan_noise_multiplier` over all
+    planned steps, or the fixed noise-multiplier). Records with earlier spending in a kept
+    ledger get at least this noise (up to the planner's tolerance of 0.01 in epsilon), and
+    their cumulative epsilon in `summary.json` then mostly fails the check in
+    `replace_one_bound` anyway.
+    """
+    privacy, training = config.privacy, config.training
+    histories = []
+    for size in shard_sizes:
+        rate = sample_rate(size, training.batch_size)
+        steps_per_round = training.local_epochs * steps_per_epoch(size, training.batch_size)
+        if privacy.noise_multiplier > 0:
+            sigma = privacy.noise_multiplier
+        elif math.isinf(privacy.target_epsilon):
+            sigma = 0.0
+        else:
+            try:
+                sigma = plan_noise_multiplier(
+                    privacy.target_epsilon,
+                    privacy.target_delta,
+                    rate,
+                    steps_per_round * config.federation.num_server_rounds,
+                    privacy.accountant,
+                )
+            except ValueError:  # no noise fits the budget: these clients refused every round
+                histories.append(())
+                continue
+        histories.append(((sigma, rate, steps_per_round * rounds),) if rounds else ())
+    return histories
+
+
+def _central_history(run_dir: Path) -> tuple[list[History] | None, str]:
+    """The server's client-level accountant history from `checkpoint.pt`, or None and why."""
+    try:
+        saved = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+        history = tuple(
+            (float(sigma), float(rate), int(steps))
+            for sigma, rate, steps in saved["central-history"]
+        )
+    except FileNotFoundError:
+        return None, f"none: dp-mode = central and no {CHECKPOINT_FILE} holds the server's history"
+    except Exception as err:  # unpickling reports corruption in many types
+        return None, (
+            f"none: dp-mode = central and {CHECKPOINT_FILE} has no readable client-level "
+            f"history ({type(err).__name__}: {err})"
+        )
+    return [history], (
+        f"the server's client-level history in {CHECKPOINT_FILE}; a client-level bound covers "
+        "one record swapped within one client's data"
+    )
+
+
+def _history_epsilon(history: History, mechanism: str, delta: float) -> float:
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    return accountant_epsilon(accountant, delta)
+
+
+def _describe(history: History) -> str:
+    if not history:
+        return "(no steps)"
+    return ", ".join(
+        f"sigma {sigma:.4g} at sampling rate {rate:.4g} for {steps} steps"
+        for sigma, rate, steps in history
+    )
+
+
+def _read_summary(summary_file: Path) -> dict[str, Any]:
     try:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -323,6 +528,11 @@ def _privacy_spent(summary_file: Path) -> tuple[float, float]:
         ) from None
     if not isinstance(summary, dict):
         raise DpflError(f"{summary_file} is not a dpfl run summary; restore it from the run")
+    return summary
+
+
+def _privacy_spent(summary: dict[str, Any], summary_file: Path) -> tuple[float, float]:
+    """(epsilon, delta) from `summary.json`; a null or absent epsilon marks a non-private run."""
     epsilon, delta = summary.get("epsilon"), summary.get("delta")
     for key, value in (("epsilon", epsilon), ("delta", delta)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -330,3 +540,16 @@ def _privacy_spent(summary_file: Path) -> tuple[float, float]:
                 f"{summary_file}: {key} = {value!r} is not a number; restore it from the run"
             )
     return (math.inf if epsilon is None else float(epsilon)), float(delta or 0.0)
+
+
+def _rounds_completed(summary: dict[str, Any], summary_file: Path) -> int | None:
+    """`rounds-completed` from `summary.json`; None when an older summary has none."""
+    rounds = summary.get("rounds-completed")
+    if rounds is None:
+        return None
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise DpflError(
+            f"{summary_file}: rounds-completed = {rounds!r} is not a round count; restore it "
+            "from the run"
+        )
+    return rounds
