@@ -166,8 +166,8 @@ class PrivacyConfig:
     )
     central_noise_multiplier: float = _option(
         1.0,
-        "central DP: noise std on the average of m clipped updates, in units of "
-        "central-clipping-norm / m",
+        "central DP: sigma; the sum of the clipped updates over the planned m clients gets "
+        "noise of std sigma * central-clipping-norm / m",
         low=0.0,
     )
     central_clipping_norm: float = _option(
