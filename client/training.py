@@ -35,8 +35,8 @@ from client.ledger import (
     record_ids,
 )
 from common.config import NodeConfig, RunConfig, check_delta
-from common.data import client_shard, resolve_data_dir, tensor_loader
-from common.errors import DpflError
+from common.data import client_shard, raw_pixels, resolve_data_dir, tensor_loader
+from common.errors import DataError, DpflError
 from common.model import build_model, fixed_features, split
 from common.privacy import History, sample_rate, steps_per_epoch
 from common.storage import atomic_write
@@ -99,15 +99,21 @@ def train_round(
     released without having been paid for.
     """
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
-    shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
-    ids = record_ids(*shard.tensors)
+    try:
+        shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+    except DataError as err:  # its message names local paths: they stay here
+        log.warning("client %d refuses to train: %s", node.partition_id, err)
+        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, "it cannot load its training data (see its log)")
+    ids = record_ids(raw_pixels(shard.tensors[0]), shard.tensors[1])
     data_key = dataset_key(ids)
     try:
         directory = ledger_directory(node.ledger_dir, run.privacy.ledger_dir, simulated)
-        charge = charge_round(LedgerFile(directory), np.unique(ids), len(shard), run, node, f"{run_key}:{data_key}")
+        charge = charge_round(
+            LedgerFile(directory), np.unique(ids), len(shard), run, node, f"{run_key}:{data_key}", simulated
+        )
     except LedgerError as err:
         log.warning("client %d refuses to train: %s", node.partition_id, err)
-        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, str(err))
+        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, err.reason)
     if isinstance(charge, RoundOutcome):
         log.warning("client %d refuses to train: %s", node.partition_id, charge.refusal)
         return charge
@@ -126,12 +132,20 @@ def train_round(
 
 
 def charge_round(
-    ledger_file: LedgerFile, records: np.ndarray, num_examples: int, run: RunConfig, node: NodeConfig, plan_key: str
+    ledger_file: LedgerFile,
+    records: np.ndarray,
+    num_examples: int,
+    run: RunConfig,
+    node: NodeConfig,
+    plan_key: str,
+    simulated: bool,
 ) -> Charge | RoundOutcome:
     """In one locked ledger transaction: the budget, the run's noise plan, the check, the charge.
 
     Returns the charge, or a refusal (an outcome without weights) when the round would push
-    any of `records` past the budget.
+    any of `records` past the budget. A real client's budget is its owner's: from its ledger
+    or its node config, never from a server's proposal alone, which could otherwise set it
+    to infinity (or ask for central DP) and receive the un-noised model.
     """
     privacy, training = run.privacy, run.training
     proposed = proposed_budget(run)
@@ -141,6 +155,11 @@ def charge_round(
     )
     owner_set = node.target_epsilon is not None or node.target_delta is not None
     with ledger_file.transaction() as ledger:
+        if ledger is None and not simulated and (node.target_epsilon is None or node.target_delta is None):
+            raise LedgerError(
+                "this client has no privacy budget of its own, so a server's proposal would set it; "
+                "start the SuperNode with --node-config 'target-epsilon=2.0 target-delta=1e-5' (your values)"
+            )
         if ledger is None:
             ledger = PrivacyLedger.create(owner, "node config" if owner_set else "run config")
         elif owner_set:
@@ -266,8 +285,10 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: RunCo
     Poisson sampling, per-sample clipping and Gaussian noise come from Opacus, with the
     plan's noise multiplier. The ledger was charged before this runs; the history Opacus'
     own accountant counts is returned so the caller can check that the two agree. Sampling
-    and noise are deliberately not seeded from the config: noise that the server could
-    regenerate from a known seed protects nothing.
+    and noise draw from a generator seeded by the operating system, never from torch's
+    global one: that starts from a fixed seed in every fresh process, and anything that
+    seeds it (a model built with the config's `seed`) would make the noise one the server
+    could regenerate, which protects nothing.
 
     Clipping is Opacus' ghost clipping (`grad_sample_mode="ghost"`): it gets each example's
     gradient norm without materialising the per-sample gradients, then backpropagates the
@@ -275,7 +296,9 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: RunCo
     mode, at a fraction of the cost.
     """
     training = run.training
-    loader = tensor_loader(shard, batch_size=training.batch_size)
+    generator = torch.Generator()
+    generator.seed()  # from std::random_device
+    loader = tensor_loader(shard, batch_size=training.batch_size, generator=generator)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=training.learning_rate, momentum=training.momentum
     )
@@ -289,6 +312,7 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: RunCo
         max_grad_norm=run.privacy.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode="ghost",
+        noise_generator=generator,
     )
     private_model.train()
     epochs = tqdm(

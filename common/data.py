@@ -98,6 +98,11 @@ def _normalised(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0).sub_(MEAN).div_(STD)
 
 
+def raw_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The uint8 pixels that `_normalised` made `images` from, exactly: what a record's bytes are."""
+    return images.mul(STD).add(MEAN).mul(255.0).round().clamp(0, 255).to(torch.uint8)
+
+
 def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
     """The MNIST training or test set as normalised (N, 1, 28, 28) float images and labels."""
     images, labels = _raw_mnist(data_dir, train)
@@ -120,15 +125,22 @@ def _already_collated(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ..
     return batch
 
 
-def tensor_loader(dataset: TensorDataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+def tensor_loader(
+    dataset: TensorDataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+) -> DataLoader:
     """A DataLoader over in-memory tensors that gathers each batch with one index per tensor.
 
     The default loader fetches examples one by one and stacks them, which costs more than
     a DP-SGD step on cached ScatterNet features. Opacus' Poisson sampler keeps this
-    loader's dataset and collate function, so private training gets the same fast path.
+    loader's dataset, collate function and `generator`, so private training gets the same
+    fast path and draws its batches from the generator it is given.
     """
     return DataLoader(
-        _BatchIndexed(*dataset.tensors), batch_size=batch_size, shuffle=shuffle, collate_fn=_already_collated
+        _BatchIndexed(*dataset.tensors),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=_already_collated,
+        generator=generator,
     )
 
 

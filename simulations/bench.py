@@ -92,9 +92,12 @@ def run_without_flower(config: RunConfig, scored_on: TensorDataset | None = None
     """The same rounds in one process: every client's `train_round`, FedAvg, central evaluation.
 
     The final model is scored on `scored_on`, given as the trained module sees it
-    (`fixed_features`); by default on the test set, as the server scores it. The clients'
-    ledger is a temporary directory, fresh for every call, whatever `ledger-dir` says.
+    (`fixed_features`); by default on the test set, as the server scores it. The clients
+    charge the configured `ledger-dir`, as a simulation does; without one, a temporary
+    ledger that lives for this call only, as a simulation's lives in its run directory.
     """
+    if config.privacy.ledger_dir:
+        return _rounds_in_process(config, scored_on, run_key)
     with tempfile.TemporaryDirectory(prefix="dpfl-bench-ledger-") as ledger_dir:
         config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, ledger_dir=ledger_dir))
         return _rounds_in_process(config, scored_on, run_key)

@@ -49,3 +49,18 @@ def test_one_step_equals_the_clipped_mean_of_per_example_gradients(tiny_config, 
     if clip < 1:  # the bound binds: the update is the mean of vectors of norm <= clip
         step = torch.sqrt(sum((old - new.detach()).pow(2).sum() for old, new in zip(before, model.parameters())))
         assert step <= clip + 1e-6
+
+
+def test_noise_and_sampling_do_not_follow_torchs_global_seed(tiny_config):
+    """A process that seeded torch, as building a model with the config's seed does, still draws fresh noise."""
+    data = TensorDataset(torch.randn(64, 20), torch.randint(0, 10, (64,)))
+    run = dataclasses.replace(tiny_config, training=dataclasses.replace(tiny_config.training, batch_size=16, local_epochs=1))
+    plan = plan_noise("test", PrivacyBudget(4.0, 1e-5), {()}, "prv", len(data), 16, 1, 1)
+    assert plan.noise_multiplier > 0
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Linear(20, 10)  # the same initial weights both times
+        dp_train(model, data, plan, run)
+        updates.append(model.weight.detach().clone())
+    assert not torch.equal(updates[0], updates[1])
