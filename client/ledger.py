@@ -60,7 +60,15 @@ MAX_PLANS = 10_000
 
 
 class LedgerError(DpflError):
-    """The ledger cannot be used as it is: missing, unreadable, locked or not configured."""
+    """The ledger cannot be used as it is: missing, unreadable, locked or not configured.
+
+    The message is for the data owner, on the client (it may name local paths); `reason`
+    is what a refusal may tell the server: no paths, nothing about the data.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -82,13 +90,21 @@ class NoisePlan:
     planned_steps: int
 
 
-def record_ids(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """A 64-bit content hash of every record (image bytes and label), in the data set's order.
+#: How `record_ids` names records; a ledger that names them otherwise cannot be matched.
+RECORD_IDS = "blake2b-64 of the uint8 pixels and the int64 label"
 
-    Two records with equal content get one id and so one history, which can only overcount;
-    so can a (vanishingly rare) collision of different records.
+
+def record_ids(pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """A 64-bit content hash of every record (its uint8 pixels and label), in the data set's order.
+
+    The raw bytes, not the normalised floats: a float rounded one way or another by a change
+    of preprocessing must not turn spent records into fresh ones. Two records with equal
+    content get one id and so one history, which can only overcount; so can a (vanishingly
+    rare) collision of different records.
     """
-    pixels = images.contiguous().numpy().reshape(len(images), -1)
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"record ids are hashed from uint8 pixels, not {pixels.dtype}")
+    pixels = pixels.contiguous().numpy().reshape(len(pixels), -1)
     label_bytes = labels.numpy().astype("<i8")
     return np.array(
         [
@@ -130,6 +146,8 @@ def plan_noise(
         sigma = noise_multiplier
     elif math.isinf(budget.epsilon):
         sigma = 0.0
+    elif any(step[0] == 0 for history in spent for step in history):
+        return None  # records released without noise: no finite budget is left
     else:
         try:
             sigma = max(
@@ -236,6 +254,7 @@ class PrivacyLedger:
         return json.dumps(
             {
                 "format": LEDGER_FORMAT,
+                "record-ids": RECORD_IDS,
                 "target-epsilon": _json_float(self.budget.epsilon),
                 "target-delta": self.budget.delta,
                 "accountant": self.accountant,
@@ -261,6 +280,8 @@ class PrivacyLedger:
             data = json.loads(text)
             if data.get("format") != LEDGER_FORMAT:
                 raise ValueError(f"unknown ledger format {data.get('format')!r}")
+            if data.get("record-ids") != RECORD_IDS:
+                raise ValueError(f"its records are named by {data.get('record-ids')!r}, not {RECORD_IDS!r}")
             budget = PrivacyBudget(float(data["target-epsilon"]), float(data["target-delta"]))
             groups = [
                 Group(
@@ -275,7 +296,8 @@ class PrivacyLedger:
         except (ValueError, KeyError, TypeError) as err:
             raise LedgerError(
                 f"privacy ledger is unreadable ({err}); restore it from a backup — deleting it "
-                "would forget the privacy this data has already spent"
+                "would forget the privacy this data has already spent",
+                "its privacy ledger is unreadable; the data owner must restore it from a backup",
             ) from None
         return cls(budget, accountant, groups, plans, events)
 
@@ -311,7 +333,9 @@ class LedgerFile:
         except Timeout:
             raise LedgerError(
                 f"the privacy ledger in {self.directory} stayed locked by another process for "
-                f"{timeout:g} s; is another run training on the same data? let it finish, then retry"
+                f"{timeout:g} s; is another run training on the same data? let it finish, then retry",
+                f"its privacy ledger stayed locked by another process for {timeout:g} s (another "
+                "run on the same data?)",
             ) from None
         try:
             yield
@@ -332,7 +356,8 @@ class LedgerFile:
                 f"the privacy ledger {self.path} is missing, although this directory holds one "
                 f"since {json.loads(self.marker.read_text()).get('created', 'earlier')}; restore it "
                 f"from a backup, or, if its records were truly never released, run "
-                f"`dpfl ledger reset {self.directory}`"
+                f"`dpfl ledger reset {self.directory}`",
+                "its privacy ledger is missing; the data owner must restore it or reset it",
             )
         return None
 

@@ -24,10 +24,16 @@ def task_identity():
 
 @pytest.fixture
 def client_context(tmp_path):
-    """Client 0 of 2, as a fresh SuperNode with its own ledger directory sees itself."""
+    """Client 0 of 2, as a fresh SuperNode with its own ledger directory and budget sees itself."""
 
     def context(**node_config):
-        node = {"partition-id": 0, "num-partitions": 2, "ledger-dir": str(tmp_path / "ledger")} | node_config
+        node = {
+            "partition-id": 0,
+            "num-partitions": 2,
+            "ledger-dir": str(tmp_path / "ledger"),
+            "target-epsilon": 4.0,  # tiny_config's
+            "target-delta": 1e-5,
+        } | node_config
         return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
 
     return context
@@ -66,7 +72,8 @@ def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_c
     start = build_model("cnn", seed=0).state_dict()
 
     def update_norm(message):
-        reply = app(message, client_context())
+        # The data owner consents to releasing its updates without noise to a trusted server.
+        reply = app(message, client_context(**{"target-epsilon": math.inf, "target-delta": 0.1}))
         assert not reply.has_error(), reply.error
         assert math.isinf(reply.content[METRICS_KEY][EPSILON])  # no local noise: a non-private release
         trained = reply.content[ARRAYS_KEY].to_torch_state_dict()

@@ -21,7 +21,7 @@ from client.ledger import (
 )
 from client.training import train_round
 from common.config import NodeConfig, RunConfig
-from common.data import client_shard
+from common.data import MEAN, STD, client_shard, raw_pixels
 from common.errors import ConfigError
 from common.model import build_model
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
@@ -79,7 +79,7 @@ def record_steps(directory):
 
 def shard_records(config, partition_id, num_partitions=2):
     shard = client_shard(config.data, config.seed, partition_id, num_partitions, Path(config.data.data_dir))
-    return np.unique(record_ids(*shard.tensors))
+    return np.unique(record_ids(raw_pixels(shard.tensors[0]), shard.tensors[1]))
 
 
 def exhaust(config, partition_id=0):
@@ -224,19 +224,20 @@ def test_only_the_data_owner_raises_the_budget_and_the_change_is_recorded(config
 
     # A SuperNode's node config is its owner's word too.
     own = tmp_path / "own"
-    run_rounds(config, node(ledger_dir=str(own)), "deployed", 4, simulated=False)
+    run_rounds(config, node(ledger_dir=str(own), target_epsilon=4.0, target_delta=1e-5), "deployed", 4, simulated=False)
     (outcome,) = run_rounds(raised, node(ledger_dir=str(own), target_epsilon=8.0), "deployed-2", 1, simulated=False)
     assert outcome.refusal is None and outcome.epsilon > 4.0
     assert ledger_json(own)["events"][-1]["by"] == "node config"
 
 
-def test_a_lost_ledger_refuses_to_train_until_the_owner_resets_it(config, capsys):
+def test_a_lost_ledger_refuses_to_train_until_the_owner_resets_it(config, capsys, caplog):
     run_rounds(config, node(), "run-1", 1)
     directory = Path(config.privacy.ledger_dir)
     (directory / LEDGER_FILE).unlink()
     (outcome,) = run_rounds(config, node(), "run-1", 1)
     assert outcome.state_dict is None
-    assert "is missing" in outcome.refusal and f"dpfl ledger reset {directory}" in outcome.refusal
+    assert "ledger is missing" in outcome.refusal  # to the server; the owner's log says how to fix it
+    assert f"dpfl ledger reset {directory}" in caplog.text
     assert not (directory / LEDGER_FILE).exists()
 
     assert dpfl(["ledger", "reset", str(directory), "--epsilon", "4"]) == 0
@@ -262,9 +263,54 @@ def test_a_real_client_needs_its_own_ledger_directory_and_ignores_the_runs(confi
     assert not Path(config.privacy.ledger_dir).exists()  # the run config chose nothing on the client
 
     own = tmp_path / "own"
-    (outcome,) = run_rounds(config, node(ledger_dir=str(own)), "run-1", 1, simulated=False)
+    (outcome,) = run_rounds(config, node(ledger_dir=str(own), target_epsilon=4.0, target_delta=1e-5), "run-1", 1, simulated=False)
     assert outcome.refusal is None and (own / LEDGER_FILE).is_file()
     assert not Path(config.privacy.ledger_dir).exists()
+
+
+def test_a_server_cannot_set_a_real_clients_budget(config, tmp_path):
+    """Without a budget of its own, a proposal of inf or of central DP would get the un-noised model."""
+    for proposal in (with_privacy(config, target_epsilon=float("inf")), with_privacy(config, dp_mode="central", target_delta=0.1)):
+        (outcome,) = run_rounds(proposal, node(ledger_dir=str(tmp_path / "own")), "run-1", 1, simulated=False)
+        assert outcome.state_dict is None and "no privacy budget of its own" in outcome.refusal
+        assert "target-epsilon" in outcome.refusal and not (tmp_path / "own" / LEDGER_FILE).exists()
+
+    # With its own budget, a central-DP proposal still gets an update noised by DP-SGD.
+    owner = node(ledger_dir=str(tmp_path / "own"), target_epsilon=4.0, target_delta=1e-5)
+    (outcome,) = run_rounds(with_privacy(config, dp_mode="central", target_delta=0.1), owner, "run-2", 1, simulated=False)
+    assert outcome.refusal is None and 0 < outcome.epsilon < 4.0
+    (group,) = ledger_json(tmp_path / "own")["groups"]
+    assert all(sigma > 0 for sigma, _, _ in group["history"])
+
+
+def test_refusals_tell_the_server_no_local_paths(config, tmp_path):
+    directory = Path(config.privacy.ledger_dir)
+    run_rounds(config, node(), "run-1", 1)
+    (directory / LEDGER_FILE).unlink()
+    (missing,) = run_rounds(config, node(), "run-1", 1)
+    (no_data,) = run_rounds(dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=str(tmp_path / "nowhere"))), node(), "run-1", 1)
+    for outcome in (missing, no_data):
+        assert outcome.refusal is not None
+        assert str(tmp_path) not in outcome.refusal
+    assert "ledger is missing" in missing.refusal and "cannot load its training data" in no_data.refusal
+
+
+def test_records_are_named_by_their_bytes_not_by_how_floats_were_rounded(config):
+    shard = client_shard(config.data, config.seed, 0, 2, Path(config.data.data_dir))
+    pixels = raw_pixels(shard.tensors[0])
+    recomputed = ((pixels.double() / 255 - MEAN) / STD).float()  # another preprocessing, other roundings
+    assert not torch.equal(recomputed, shard.tensors[0])
+    assert torch.equal(raw_pixels(recomputed), pixels)
+    with pytest.raises(TypeError, match="uint8"):
+        record_ids(shard.tensors[0], shard.tensors[1])
+
+
+def test_records_released_without_noise_refuse_private_training_instead_of_failing(config):
+    central = with_privacy(config, dp_mode="central", target_delta=0.1)
+    (first,) = run_rounds(central, node(), "central", 1)
+    assert first.refusal is None and first.epsilon == float("inf")
+    (later,) = run_rounds(config, node(), "local", 1)
+    assert "privacy budget exhausted" in later.refusal and later.epsilon == float("inf")
 
 
 def test_a_ledger_locked_by_another_process_is_waited_for_then_refused(config, monkeypatch):
