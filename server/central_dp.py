@@ -57,14 +57,17 @@ class ClientLevelAccountant:
     """The client-level epsilon of the global models a central-DP server has released.
 
     Every release is the sum of at most m clipped updates (norm <= C) divided by the fixed
-    m, plus noise of std sigma * C / m: a Gaussian mechanism of sensitivity C / m and noise
-    multiplier sigma, however many updates it summed. Subsampling amplification is not
-    claimed (sampling rate 1): Flower samples a fixed number of clients without
-    replacement, which Opacus' Poisson-sampling accountants do not model.
+    m, plus noise of std sigma * C / m. When every client takes part in every round
+    (`subsampled` false), removing one client removes one update: sensitivity C / m, a
+    Gaussian mechanism with noise multiplier sigma, however many updates it summed. When
+    Flower samples m of more clients, a fixed number without replacement, removing a client
+    that was sampled lets another take its place: the release moves by up to 2C / m, so each
+    release counts with noise multiplier sigma / 2. Subsampling amplification is not
+    claimed (sampling rate 1): Opacus' accountants model Poisson sampling, not Flower's.
     """
 
-    def __init__(self, privacy: PrivacyConfig, history: History | None = None) -> None:
-        self.noise_multiplier = privacy.central_noise_multiplier
+    def __init__(self, privacy: PrivacyConfig, history: History | None = None, subsampled: bool = False) -> None:
+        self.noise_multiplier = privacy.central_noise_multiplier / (2 if subsampled else 1)
         self.delta = privacy.target_delta
         self.accountant = create_accountant(privacy.accountant)
         self.accountant.history = list(history or [])
@@ -192,15 +195,21 @@ class ClientSideClipping(_DPFedAvg, DifferentialPrivacyClientSideFixedClipping):
 
 
 def central_dp(
-    strategy: LedgerAwareFedAvg, privacy: PrivacyConfig, sampled: int, history: History | None = None
+    strategy: LedgerAwareFedAvg,
+    privacy: PrivacyConfig,
+    sampled: int,
+    history: History | None = None,
+    num_clients: int | None = None,
 ) -> tuple[Strategy, ClientLevelAccountant]:
-    """Wrap `strategy` (which must aggregate uniformly) for central DP over `sampled` planned clients."""
+    """Wrap `strategy` (which must aggregate uniformly) for central DP over `sampled` planned
+    clients a round, out of `num_clients` (by default the same: everyone, every round)."""
     if strategy.weighted_by_key != UNIFORM_WEIGHT:
         raise ValueError("central DP needs a strategy that aggregates uniformly (uniform_weights=True)")
     wrapper = ServerSideClipping if privacy.central_clipping == "server" else ClientSideClipping
     wrapped = wrapper(
         strategy, privacy.central_noise_multiplier, privacy.central_clipping_norm, sampled
     )
-    wrapped.privacy = ClientLevelAccountant(privacy, history)
+    subsampled = num_clients is not None and num_clients > sampled
+    wrapped.privacy = ClientLevelAccountant(privacy, history, subsampled)
     wrapped.target_epsilon = privacy.target_epsilon
     return wrapped, wrapped.privacy

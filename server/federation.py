@@ -68,7 +68,9 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     )
     started, client_level = strategy, None
     if central:
-        started, client_level = central_dp(strategy, config.privacy, sampled, run_dir.central_history)
+        started, client_level = central_dp(
+            strategy, config.privacy, sampled, run_dir.central_history, federation.num_clients
+        )
 
     privacy_unit = "client" if central else "example"
 

@@ -164,3 +164,13 @@ def test_an_unchanged_model_is_left_out_instead_of_crashing_flowers_clipping():
 def test_central_dp_refuses_a_strategy_that_weighs_by_examples():
     with pytest.raises(ValueError, match="aggregates uniformly"):
         central_dp(LedgerAwareFedAvg(), privacy(), 2)
+
+
+def test_sampling_some_clients_counts_each_release_at_half_the_noise_multiplier():
+    """Sampled without replacement, a removed client's place goes to another: sensitivity 2C/m."""
+    config = privacy(central_noise_multiplier=2.0)
+    _, everyone = central_dp(LedgerAwareFedAvg(uniform_weights=True), config, 2, None, num_clients=2)
+    _, some = central_dp(LedgerAwareFedAvg(uniform_weights=True), config, 2, None, num_clients=4)
+    everyone.record_release()
+    some.record_release()
+    assert everyone.history == [(2.0, 1.0, 1)] and some.history == [(1.0, 1.0, 1)]
