@@ -15,6 +15,7 @@ import logging
 import math
 import random
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -26,7 +27,7 @@ from common.evaluation import evaluate
 from common.model import build_model, fixed_features, split
 from common.privacy import describe_epsilon
 from common.protocol import RUN_KEY
-from server.central_dp import central_dp
+from server.central_dp import CentralLedger, central_dp
 from server.plots import plot_run
 from server.results import SUMMARY_FILE, RoundRow, RunDirectory
 from server.secure_aggregation import run_secure_aggregation
@@ -68,8 +69,11 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     )
     started, client_level = strategy, None
     if central:
+        # The ledger directory is the simulated data set's (or, for a deployment's server, the
+        # federation's): earlier central runs there released the same clients' data.
+        shared = CentralLedger(Path(config.privacy.ledger_dir), run_dir.run_key)
         started, client_level = central_dp(
-            strategy, config.privacy, sampled, run_dir.central_history, federation.num_clients
+            strategy, config.privacy, sampled, run_dir.central_history, federation.num_clients, shared
         )
 
     privacy_unit = "client" if central else "example"

@@ -62,6 +62,13 @@ def simulate(config: RunConfig, client_app: ClientApp | None = None) -> dict[str
     data_dir = resolve_data_dir(config.data.data_dir)
     ensure_mnist(data_dir)  # fail before Ray starts, not inside it
     run_dir = RunDirectory.create(config)
+    if not config.privacy.ledger_dir:
+        log.info(
+            "the simulated clients' privacy ledger is new for this run (%s): epsilon counts this "
+            "run's releases only; set ledger-dir to one directory to keep one budget for these "
+            "records across runs",
+            run_dir.config.privacy.ledger_dir,
+        )
     # The simulation cuts the partition itself, so it may draw it. `flwr run .` against real
     # SuperNodes goes to run_federation directly and never does: their data is their own.
     plot_label_distribution(run_dir.path, run_dir.config, data_dir)

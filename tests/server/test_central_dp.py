@@ -1,6 +1,7 @@
 """Central DP: DP-FedAvg on Flower's fixed-clipping wrappers around our strategy, and the client-level epsilon."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from opacus.accountants import create_accountant
 
 from common.config import PrivacyConfig, RunConfig
 from common.errors import ConfigError
-from server.central_dp import ClientLevelAccountant, central_dp
+from server.central_dp import CentralLedger, ClientLevelAccountant, central_dp
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 from tests.server.test_strategy import FakeGrid, reply, strategy_log, task_identity  # noqa: F401
 
@@ -174,3 +175,24 @@ def test_sampling_some_clients_counts_each_release_at_half_the_noise_multiplier(
     everyone.record_release()
     some.record_release()
     assert everyone.history == [(2.0, 1.0, 1)] and some.history == [(1.0, 1.0, 1)]
+
+
+def test_the_client_level_epsilon_composes_every_run_that_shares_the_ledger_directory(tmp_path):
+    config = privacy(central_noise_multiplier=2.0, accountant="rdp")
+    first = ClientLevelAccountant(config, shared=CentralLedger(tmp_path, "run-1"))
+    first.record_release()
+    first.record_release()
+    second = ClientLevelAccountant(config, shared=CentralLedger(tmp_path, "run-2"))
+    assert second.epsilon == pytest.approx(first.epsilon)  # the first run's releases, already
+    second.record_release()
+    independent = create_accountant("rdp")
+    for _ in range(3):
+        independent.step(noise_multiplier=2.0, sample_rate=1.0)
+    assert second.epsilon == pytest.approx(independent.get_epsilon(delta=config.target_delta), rel=1e-9)
+    assert first.epsilon == pytest.approx(second.epsilon)  # and the first sees the second's
+    # A resumed run rewrites its own history, not another's.
+    before = second.epsilon
+    resumed = ClientLevelAccountant(config, first.history, shared=CentralLedger(tmp_path, "run-1"))
+    resumed.record_release()
+    assert resumed.epsilon == second.epsilon > before  # four releases in all
+    assert [len(h) for h in json.loads((tmp_path / "central-ledger.json").read_text())["runs"].values()] == [1, 1]
