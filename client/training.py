@@ -149,27 +149,17 @@ def charge_round(
     """
     privacy, training = run.privacy, run.training
     proposed = proposed_budget(run)
-    owner = PrivacyBudget(
-        node.target_epsilon if node.target_epsilon is not None else proposed.epsilon,
-        node.target_delta if node.target_delta is not None else proposed.delta,
-    )
     owner_set = node.target_epsilon is not None or node.target_delta is not None
     with ledger_file.transaction() as ledger:
-        if ledger is None and not simulated and (node.target_epsilon is None or node.target_delta is None):
-            raise LedgerError(
-                "this client has no privacy budget of its own, so a server's proposal would set it; "
-                "start the SuperNode with --node-config 'target-epsilon=2.0 target-delta=1e-5' (your values)"
-            )
         if ledger is None:
-            ledger = PrivacyLedger.create(owner, "node config" if owner_set else "run config")
+            if not simulated and (node.target_epsilon is None or node.target_delta is None):
+                raise LedgerError(
+                    "this client has no privacy budget of its own, so a server's proposal would set it; "
+                    "start the SuperNode with --node-config 'target-epsilon=2.0 target-delta=1e-5' (your values)"
+                )
+            ledger = PrivacyLedger.create(_owners_word(node, proposed), "node config" if owner_set else "run config")
         elif owner_set:
-            ledger.accept_owner_budget(
-                PrivacyBudget(
-                    owner.epsilon if node.target_epsilon is not None else ledger.budget.epsilon,
-                    owner.delta if node.target_delta is not None else ledger.budget.delta,
-                ),
-                "node config",
-            )
+            ledger.accept_owner_budget(_owners_word(node, ledger.budget), "node config")
         budget = PrivacyBudget(min(ledger.budget.epsilon, proposed.epsilon), min(ledger.budget.delta, proposed.delta))
         if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
             check_delta(budget.delta, num_examples)
@@ -199,6 +189,14 @@ def charge_round(
     if refusal is not None:
         return RoundOutcome(None, 0, epsilon, budget.delta, refusal)
     return Charge(plan, steps, epsilon, budget.delta)
+
+
+def _owners_word(node: NodeConfig, otherwise: PrivacyBudget) -> PrivacyBudget:
+    """The budget the node config sets, with what it leaves unset taken from `otherwise`."""
+    return PrivacyBudget(
+        node.target_epsilon if node.target_epsilon is not None else otherwise.epsilon,
+        node.target_delta if node.target_delta is not None else otherwise.delta,
+    )
 
 
 def _refusal(
