@@ -6,7 +6,7 @@ a model, the rounds done so far), so the same code serves `flwr run .`, `dpfl si
 
 It draws nothing from the clients' data: in a deployment the SuperNodes hold their own
 data, which the server neither knows nor may describe. Only the simulation engine, which
-cuts the partition itself, draws it (`simulations.cli.simulate`).
+cuts the partition itself, draws it (`simulations.engine.simulate`).
 """
 
 from __future__ import annotations

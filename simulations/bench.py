@@ -128,7 +128,7 @@ def _rounds_in_process(config: RunConfig, scored_on: TensorDataset | None, run_k
 
 def bench(preset: str, overrides: list[str]) -> dict[str, Any]:
     """Run every measurement; return figures, targets and ratios."""
-    from simulations.cli import simulate
+    from simulations.engine import simulate
 
     config = load_preset(preset, overrides)
     figures: dict[str, Any] = {"preset": preset, "overrides": overrides, "threads": torch.get_num_threads()}

@@ -84,7 +84,7 @@ class PeakMemory:
 
 def scale(preset: str, overrides: list[str], client_counts: list[int]) -> list[dict[str, Any]]:
     """One simulation per client count, over the same training images; time and peak memory of each."""
-    from simulations.cli import simulate
+    from simulations.engine import simulate
 
     rows = []
     for clients in client_counts:

@@ -48,7 +48,7 @@ def sweep(
     preset: str, epsilons: list[float], repeats: int, overrides: list[str], out_dir: Path
 ) -> Path:
     """Run every missing (epsilon, repeat) simulation, append its row, then draw the plot."""
-    from simulations.cli import simulate  # Flower and Ray load only when a sweep runs
+    from simulations.engine import simulate  # Flower and Ray load only when a sweep runs
 
     base = load_preset(preset, overrides)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 from opacus.accountants import create_accountant
 
 from server.results import LEDGERS_DIR, SUMMARY_FILE
-from simulations.cli import simulate
+from simulations.engine import simulate
 from simulations.presets import load_preset
 from tests.simulations.test_simulate import read_rounds
 

@@ -18,7 +18,7 @@ from ray import cloudpickle
 
 from client.client_app import train as dpfl_train
 from common.protocol import ARRAYS_KEY
-from simulations.cli import simulate
+from simulations.engine import simulate
 from simulations.presets import load_preset
 
 # Ray's actors receive this module by value, so they need not find `tests` on their path.

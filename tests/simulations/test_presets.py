@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simulations.cli import simulate
+from simulations.engine import simulate
 from simulations.presets import load_preset
 
 # Issue #4's floor for the default run: at least 96.5% test accuracy with every client at epsilon <= 2

@@ -29,7 +29,7 @@ from common.evaluation import evaluate
 from common.model import build_model
 from common.protocol import EPSILON
 from server.secure_aggregation import SecureFedAvg
-from simulations.cli import simulate
+from simulations.engine import simulate
 from tests.simulations.test_simulate import expected_epsilon, read_rounds
 
 # Ray ships the test ClientApps to its actors; `tests` is no installed package they could import.

@@ -18,7 +18,7 @@ from common.model import build_model
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
 from server.plots import LABELS_PLOT
 from server.results import CONFIG_FILE, MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE
-from simulations.cli import simulate
+from simulations.engine import simulate
 from simulations.presets import load_preset
 
 # Two rounds of DP-SGD at epsilon = 8 on 2000 images reach 80-84% here (chance is 10%); the
