@@ -8,7 +8,7 @@ Ray. Results are printed best first and saved as JSON; report the test accuracy 
 configuration once, from `dpfl simulate`.
 
 Tuning reads the private training data too: what it selects depends on the data, and that
-choice is not covered by the epsilon of the final run (README, "Tuning is not free").
+choice is not covered by the epsilon of the final run (docs/privacy.md, "Tuning is not free").
 """
 
 from __future__ import annotations
