@@ -53,7 +53,7 @@ LOCK_FILE = "privacy-ledger.lock"
 #: lost its ledger, and must not silently start again at zero.
 MARKER_FILE = "ledger-initialised.json"
 #: How long a client waits for another process (a second run on the same data) to release
-#: the ledger; a transaction itself takes well under a second.
+#: the ledger; far longer than a transaction itself holds it.
 LOCK_TIMEOUT_SECONDS = 120.0
 #: Noise plans kept per ledger, oldest dropped first: one per (run, shard).
 MAX_PLANS = 10_000

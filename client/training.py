@@ -239,10 +239,10 @@ def _training_inputs(
 ) -> tuple[nn.Module, TensorDataset]:
     """What DP-SGD trains and on what: the model on the shard, or its head on its fixed features.
 
-    A shard's fixed features take seconds to compute but never change, so the client keeps
-    them in its state directory (its ledger's), in half precision, and reads them back every
-    round in tens of milliseconds: Flower's simulation hands a client to whichever Ray actor
-    is free, and a file serves every actor without each holding every client's features.
+    A shard's fixed features are slow to compute but never change, so the client keeps them
+    in its state directory (its ledger's), in half precision, and reads them back every round,
+    which is cheap: Flower's simulation hands a client to whichever Ray actor is free, and a
+    file serves every actor without each holding every client's features.
     """
     trainable, transform = split(model)
     if transform is None:

@@ -47,7 +47,7 @@ def ensure_mnist(data_dir: Path) -> None:
     missing = [name for name in RAW_FILES if not (raw / name).is_file()]
     if missing:
         log.info("MNIST files missing in %s; trying torchvision's download", raw)
-        from torchvision.datasets import MNIST  # imported late: it costs a second at start-up
+        from torchvision.datasets import MNIST  # imported late: it slows start-up
 
         try:
             MNIST(str(data_dir), train=True, download=True)

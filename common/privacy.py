@@ -60,9 +60,9 @@ def extend_history(history: History, sigma: float, rate: float, steps: int) -> H
 
 @functools.lru_cache(maxsize=256)
 def _history_epsilon(mechanism: str, history: History, delta: float) -> float:
-    # A pure function of the history, and a full PRV evaluation takes about half a second.
-    # A client checks, saves and reports the same history each round, and clients with
-    # equal shards in one process share theirs: with 1,000 clients this was most of the run.
+    # A pure function of the history, and a full PRV evaluation is slow. A client checks,
+    # saves and reports the same history each round, and clients with equal shards in one
+    # process share theirs: with many clients, recomputing it would dominate the run.
     accountant = create_accountant(mechanism)
     accountant.history = list(history)
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1, harmlessly

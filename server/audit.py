@@ -86,7 +86,7 @@ AUDIT_FILE = "audit.json"
 FPR_LEVELS = (0.001, 0.01)
 CONFIDENCE = 0.95
 #: Members and non-members used at most, each: enough for a tight Clopper-Pearson interval
-#: at 0.1% FPR, and inference on 20 000 MNIST images takes seconds on a CPU.
+#: at 0.1% FPR, and few enough that inference on both stays quick on a CPU.
 MAX_EXAMPLES = 10_000
 #: Accountants whose epsilon is an upper bound; the replace-one bound of a run accounted with
 #: another one (Opacus' gdp is a central-limit approximation) is computed with rdp instead.

@@ -1,7 +1,7 @@
 """`dpfl bench`'s measurements: the utility and speed figures of a preset (printed and saved by
 `simulations.bench_cli`).
 
-Targets (issue #4): test accuracy >= 98% at epsilon = 2 for 10 IID clients (>= 95% with
+Targets: test accuracy >= 98% at epsilon = 2 for 10 IID clients (>= 95% with
 Dirichlet(0.5) label skew), the whole run <= 5 minutes, one DP-SGD epoch <= 1.3x the same
 epoch without DP, and Flower's simulation <= 1.2x the same rounds run in-process without it.
 Every figure is printed with its ratio to the target; nothing here asserts.
@@ -44,8 +44,8 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
     """Mean wall time of one local epoch over `inputs`, with Opacus DP-SGD or plain SGD.
 
     Timed over a whole round's `local-epochs`, as a client trains: a fresh Opacus engine's first
-    epoch is slower than the rest (0.08-0.12 s against 0.07 s at batch 1200, partly memory
-    for its variable-size Poisson batches), and a round pays that once, not once per epoch.
+    epoch is slower than the rest (partly allocating memory for its variable-size Poisson
+    batches), and a round pays that once, not once per epoch.
     """
     model, _ = split(build_model(config.training.model, seed=config.seed))
     epochs = config.training.local_epochs

@@ -87,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> NoReturn:
     """The `dpfl` program (and `python -m simulations.cli`): `main`, then exit without the last sweep.
 
-    Once torch and Opacus are loaded, the interpreter's shutdown spends 0.6-0.9 s in a final
-    garbage collection over their ~300,000 objects, about a quarter of `dpfl plan`'s wall
-    time (issue #6). The command is over by then, so everything still alive is frozen: the
+    Once torch and Opacus are loaded, the interpreter's shutdown ends with a garbage
+    collection over their hundreds of thousands of objects, a large share of a short
+    command's wall time. The command is over by then, so everything still alive is frozen: the
     collector skips it and the process ends. Exit handlers still run, refcounted objects are
     still released (and their files flushed); only objects caught in reference cycles are
     left to the operating system, as any exit may leave them. In-process callers use `main`,

@@ -2,8 +2,8 @@
 
 `add_commands` registers the command on the `dpfl` parser; the figures come from
 `simulations.plan`, imported only when the command runs, with the garbage collector paused
-(see `_cmd_plan`). Issue #6 wants the whole `dpfl plan` process under 3 seconds, and most of
-that time is start-up: importing torch and Opacus, which Opacus' accountants need.
+(see `_cmd_plan`). The whole `dpfl plan` process should be quick, and most of its time is
+start-up: importing torch and Opacus, which Opacus' accountants need.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def _ids(ids: list[int]) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan, with the cyclic garbage collector off for the whole (short) command.
 
-    Importing torch, Opacus and SciPy creates ~300,000 long-lived objects and no garbage
-    cycles, yet the collector rescans them several times while they load: about 0.5 s of
-    CPU, a sixth of the command. Planning itself allocates little (NumPy arrays, freed by
+    Importing torch, Opacus and SciPy creates hundreds of thousands of long-lived objects and
+    no garbage cycles, yet the collector rescans them several times while they load, a
+    noticeable share of the command. Planning itself allocates little (NumPy arrays, freed by
     reference counting), so nothing piles up while the collector is off. It is back on when
     the command returns, for in-process callers.
     """
