@@ -36,14 +36,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from common.errors import DpflError
-from common.privacy import (
-    History,
-    extend_history,
-    history_epsilon,
-    plan_noise_multiplier,
-    sample_rate,
-    steps_per_epoch,
-)
+from common.privacy import History, NoisePlan, PrivacyBudget, extend_history, history_epsilon
 from common.storage import atomic_write
 
 LEDGER_FORMAT = 4
@@ -69,25 +62,6 @@ class LedgerError(DpflError):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason or message
-
-
-@dataclass(frozen=True)
-class PrivacyBudget:
-    """A lifetime (epsilon, delta) for every record of a data set."""
-
-    epsilon: float
-    delta: float
-
-
-@dataclass(frozen=True)
-class NoisePlan:
-    """The DP-SGD parameters fixed at a run's first round on one shard."""
-
-    run: str
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    planned_steps: int
 
 
 #: How `record_ids` names records; a ledger that names them otherwise cannot be matched.
@@ -118,53 +92,6 @@ def record_ids(pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 def dataset_key(ids: np.ndarray) -> str:
     """A short fingerprint of a data set in its order: the name of its plans and feature caches."""
     return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
-
-
-def plan_noise(
-    run: str,
-    budget: PrivacyBudget,
-    spent: set[History],
-    mechanism: str,
-    num_examples: int,
-    batch_size: int,
-    local_epochs: int,
-    num_rounds: int,
-    noise_multiplier: float = 0.0,
-) -> NoisePlan | None:
-    """Plan a run's noise once, so that no record's epsilon passes the budget.
-
-    `spent` holds the distinct histories of the data set's records (the empty history for
-    fresh ones): the noise multiplier is the largest any of them needs. A fixed
-    `noise_multiplier` (> 0) is taken as given; the budget then only caps how many rounds it
-    may pay for. An infinite budget means non-private training: no noise. Returns None when
-    what is left of the budget cannot pay for the run at any noise.
-    """
-    rate = sample_rate(num_examples, batch_size)
-    steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
-    planned_steps = steps_per_round * num_rounds
-    if noise_multiplier > 0:
-        sigma = noise_multiplier
-    elif math.isinf(budget.epsilon):
-        sigma = 0.0
-    elif any(step[0] == 0 for history in spent for step in history):
-        return None  # records released without noise: no finite budget is left
-    else:
-        try:
-            sigma = max(
-                plan_noise_multiplier(budget.epsilon, budget.delta, rate, planned_steps, mechanism, spent=history)
-                for history in spent
-            )
-        except ValueError:  # not even the largest noise fits in what is left
-            return None
-    return NoisePlan(run, sigma, rate, steps_per_round, planned_steps)
-
-
-def epsilon_after(spent: set[History], plan: NoisePlan, steps: int, mechanism: str, delta: float) -> float:
-    """The largest epsilon of any record with one of the `spent` histories after `steps` more steps."""
-    return max(
-        history_epsilon(extend_history(history, plan.noise_multiplier, plan.sample_rate, steps), mechanism, delta)
-        for history in spent
-    )
 
 
 @dataclass

@@ -22,23 +22,20 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from client.ledger import (
-    LedgerError,
-    LedgerFile,
-    NoisePlan,
-    PrivacyBudget,
-    PrivacyLedger,
-    dataset_key,
-    epsilon_after,
-    ledger_directory,
-    plan_noise,
-    record_ids,
-)
+from client.ledger import LedgerError, LedgerFile, PrivacyLedger, dataset_key, ledger_directory, record_ids
 from common.config import NodeConfig, RunConfig, check_delta
 from common.data import client_shard, raw_pixels, resolve_data_dir, tensor_loader
 from common.errors import DataError, DpflError
 from common.model import build_model, fixed_features, split
-from common.privacy import History, sample_rate, steps_per_epoch
+from common.privacy import (
+    History,
+    NoisePlan,
+    PrivacyBudget,
+    epsilon_after,
+    plan_noise,
+    sample_rate,
+    steps_per_epoch,
+)
 from common.storage import atomic_write
 
 log = logging.getLogger(__name__)

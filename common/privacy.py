@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from opacus.accountants import IAccountant, create_accountant
@@ -179,3 +180,69 @@ def replace_one_epsilon(
         else:
             high = middle
     return 2 * epsilon_low, epsilon_low, low
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A lifetime (epsilon, delta) for every record of a data set."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The DP-SGD parameters fixed at a run's first round on one shard."""
+
+    run: str
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_steps: int
+
+
+def plan_noise(
+    run: str,
+    budget: PrivacyBudget,
+    spent: set[History],
+    mechanism: str,
+    num_examples: int,
+    batch_size: int,
+    local_epochs: int,
+    num_rounds: int,
+    noise_multiplier: float = 0.0,
+) -> NoisePlan | None:
+    """Plan a run's noise once, so that no record's epsilon passes the budget.
+
+    `spent` holds the distinct histories of the data set's records (the empty history for
+    fresh ones): the noise multiplier is the largest any of them needs. A fixed
+    `noise_multiplier` (> 0) is taken as given; the budget then only caps how many rounds it
+    may pay for. An infinite budget means non-private training: no noise. Returns None when
+    what is left of the budget cannot pay for the run at any noise.
+    """
+    rate = sample_rate(num_examples, batch_size)
+    steps_per_round = local_epochs * steps_per_epoch(num_examples, batch_size)
+    planned_steps = steps_per_round * num_rounds
+    if noise_multiplier > 0:
+        sigma = noise_multiplier
+    elif math.isinf(budget.epsilon):
+        sigma = 0.0
+    elif any(step[0] == 0 for history in spent for step in history):
+        return None  # records released without noise: no finite budget is left
+    else:
+        try:
+            sigma = max(
+                plan_noise_multiplier(budget.epsilon, budget.delta, rate, planned_steps, mechanism, spent=history)
+                for history in spent
+            )
+        except ValueError:  # not even the largest noise fits in what is left
+            return None
+    return NoisePlan(run, sigma, rate, steps_per_round, planned_steps)
+
+
+def epsilon_after(spent: set[History], plan: NoisePlan, steps: int, mechanism: str, delta: float) -> float:
+    """The largest epsilon of any record with one of the `spent` histories after `steps` more steps."""
+    return max(
+        history_epsilon(extend_history(history, plan.noise_multiplier, plan.sample_rate, steps), mechanism, delta)
+        for history in spent
+    )

@@ -61,7 +61,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
 from scipy.stats import beta, rankdata
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -69,14 +68,7 @@ from torch.utils.data import TensorDataset
 from common.config import RunConfig, load_toml
 from common.data import load_mnist, resolve_data_dir, shard_indices
 from common.errors import DpflError
-from common.privacy import (
-    History,
-    accountant_epsilon,
-    plan_noise_multiplier,
-    replace_one_epsilon,
-    sample_rate,
-    steps_per_epoch,
-)
+from common.privacy import History, PrivacyBudget, history_epsilon, plan_noise, replace_one_epsilon
 from common.storage import atomic_write
 from server.export import load_model
 from server.results import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
@@ -88,9 +80,6 @@ CONFIDENCE = 0.95
 #: Members and non-members used at most, each: enough for a tight Clopper-Pearson interval
 #: at 0.1% FPR, and few enough that inference on both stays quick on a CPU.
 MAX_EXAMPLES = 10_000
-#: Accountants whose epsilon is an upper bound; the replace-one bound of a run accounted with
-#: another one (Opacus' gdp is a central-limit approximation) is computed with rdp instead.
-UPPER_BOUND_ACCOUNTANTS = ("prv", "rdp")
 #: How far `summary.json`'s epsilon may exceed the rebuilt history's before the history is not
 #: trusted: the clients computed theirs with the same accountant, so only float noise.
 REBUILT_EPSILON_TOLERANCE = 1e-6
@@ -405,13 +394,7 @@ def replace_one_bound(
         return math.inf, "non-private run (summary.json's epsilon is null): no guarantee"
     privacy = config.privacy
     mechanism = privacy.accountant
-    bound_mechanism = mechanism if mechanism in UPPER_BOUND_ACCOUNTANTS else "rdp"
     counted = config.federation.num_server_rounds if rounds is None else rounds
-    substitute = (
-        ""
-        if bound_mechanism == mechanism
-        else f"; the run's {mechanism} accountant is no upper bound, so rdp gives the bound"
-    )
     if privacy.dp_mode == "central":
         histories, source = _central_history(run_dir)
         if histories is None:
@@ -424,7 +407,7 @@ def replace_one_bound(
         )
         if rounds is None:
             source += " (rounds-completed missing from summary.json: all planned ones)"
-    rebuilt = max(_history_epsilon(history, mechanism, delta) for history in histories)
+    rebuilt = max(history_epsilon(history, mechanism, delta) for history in histories)
     if accountant_epsilon > rebuilt + REBUILT_EPSILON_TOLERANCE:
         return None, (
             f"none: summary.json's epsilon {accountant_epsilon:.4g} is above the {rebuilt:.4g} of "
@@ -433,53 +416,41 @@ def replace_one_bound(
             "never came back); nothing is compared"
         )
     epsilon, epsilon1, delta1, history = max(
-        (*replace_one_epsilon(history, bound_mechanism, delta), history) for history in histories
+        (*replace_one_epsilon(history, mechanism, delta), history) for history in histories
     )
     if math.isinf(epsilon):
         return math.inf, (
-            f"no finite bound: the {bound_mechanism} accountant's add/remove epsilon of "
+            f"no finite bound: the {mechanism} accountant's add/remove epsilon of "
             f"{_describe(history)} is too large for any delta1 with (1 + e^eps1) delta1 <= "
-            f"{delta:g} ({source}{substitute})"
+            f"{delta:g} ({source})"
         )
     return epsilon, (
-        f"group privacy: 2 x {epsilon1:.4g}, the {bound_mechanism} accountant's add/remove "
+        f"group privacy: 2 x {epsilon1:.4g}, the {mechanism} accountant's add/remove "
         f"epsilon at delta1 = {delta1:.3g}, where (1 + e^{epsilon1:.4g}) delta1 <= {delta:g}; "
-        f"history {_describe(history)} ({source}{substitute})"
+        f"history {_describe(history)} ({source})"
     )
 
 
 def _local_histories(config: RunConfig, shard_sizes: list[int], rounds: int) -> list[History]:
     """Each client group's DP-SGD history over `rounds` rounds, planned as the clients plan it.
 
-    The same computation as `dpfl plan` and the clients' ledger for records that were never
-    trained on (`common.privacy`: sampling rate, steps, `plan_noise_multiplier` over all
-    planned steps, or the fixed noise-multiplier). Records with earlier spending in a kept
-    ledger get at least this noise (up to the planner's tolerance of 0.01 in epsilon), and
-    their cumulative epsilon in `summary.json` then mostly fails the check in
-    `replace_one_bound` anyway.
+    `common.privacy.plan_noise` for records never trained on, as `dpfl plan` and the clients'
+    ledgers use it. Records with earlier spending in a kept ledger get at least this noise
+    (up to the planner's tolerance of 0.01 in epsilon), and their cumulative epsilon in
+    `summary.json` then mostly fails the check in `replace_one_bound` anyway.
     """
     privacy, training = config.privacy, config.training
+    budget = PrivacyBudget(privacy.target_epsilon, privacy.target_delta)
     histories = []
     for size in shard_sizes:
-        rate = sample_rate(size, training.batch_size)
-        steps_per_round = training.local_epochs * steps_per_epoch(size, training.batch_size)
-        if privacy.noise_multiplier > 0:
-            sigma = privacy.noise_multiplier
-        elif math.isinf(privacy.target_epsilon):
-            sigma = 0.0
+        plan = plan_noise(
+            "audit", budget, {()}, privacy.accountant, size, training.batch_size, training.local_epochs,
+            config.federation.num_server_rounds, privacy.noise_multiplier,
+        )
+        if plan is None or not rounds:  # no noise fits the budget: these clients refused every round
+            histories.append(())
         else:
-            try:
-                sigma = plan_noise_multiplier(
-                    privacy.target_epsilon,
-                    privacy.target_delta,
-                    rate,
-                    steps_per_round * config.federation.num_server_rounds,
-                    privacy.accountant,
-                )
-            except ValueError:  # no noise fits the budget: these clients refused every round
-                histories.append(())
-                continue
-        histories.append(((sigma, rate, steps_per_round * rounds),) if rounds else ())
+            histories.append(((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * rounds),))
     return histories
 
 
@@ -502,12 +473,6 @@ def _central_history(run_dir: Path) -> tuple[list[History] | None, str]:
         f"the server's client-level history in {CHECKPOINT_FILE}; a client-level bound covers "
         "one record swapped within one client's data"
     )
-
-
-def _history_epsilon(history: History, mechanism: str, delta: float) -> float:
-    accountant = create_accountant(mechanism)
-    accountant.history = list(history)
-    return accountant_epsilon(accountant, delta)
 
 
 def _describe(history: History) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.ledger import PrivacyBudget, plan_noise
+from common.privacy import PrivacyBudget, plan_noise
 from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir, tensor_loader

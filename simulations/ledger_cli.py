@@ -46,7 +46,8 @@ def _delta(text: str) -> float:
 
 
 def _cmd_change(args: argparse.Namespace) -> int:
-    from client.ledger import LedgerFile, PrivacyBudget, set_budget
+    from client.ledger import LedgerFile, set_budget
+    from common.privacy import PrivacyBudget
 
     budget = PrivacyBudget(args.epsilon, args.delta)
     ledger = set_budget(args.directory, budget) if args.action == "budget" else LedgerFile(args.directory).reset(budget)

@@ -1,6 +1,6 @@
 """`dpfl plan`'s figures: what a config will cost in privacy, per client, before any training.
 
-The figures come from the client's own planning code (`client.ledger.plan_noise`), so the
+The figures come from the client's own planning code (`common.privacy.plan_noise`), so the
 plan is what clients with fresh records will do, not a second model of it. `simulations.plan_cli` prints them.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from client.ledger import PrivacyBudget, epsilon_after, plan_noise
 from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir, shard_indices
 from common.model import build_model
+from common.privacy import PrivacyBudget, epsilon_after, plan_noise
 
 #: Warn when the noise added to a step's summed gradient is this many times larger than the
 #: largest signal a full batch can contribute (sigma * sqrt(parameters) / batch size).

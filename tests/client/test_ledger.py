@@ -11,20 +11,13 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from client.ledger import (
-    LEDGER_FILE,
-    LedgerFile,
-    PrivacyBudget,
-    PrivacyLedger,
-    plan_noise,
-    record_ids,
-)
+from client.ledger import LEDGER_FILE, LedgerFile, PrivacyLedger, record_ids
 from client.training import train_round
 from common.config import NodeConfig, RunConfig
 from common.data import MEAN, STD, client_shard, raw_pixels
 from common.errors import ConfigError
 from common.model import build_model
-from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.privacy import PrivacyBudget, plan_noise, plan_noise_multiplier, sample_rate, steps_per_epoch
 from simulations.cli import main as dpfl
 
 SHARD = 300  # tiny_config: 600 images over 2 clients
