@@ -33,7 +33,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.proposal import read_proposal
 from client.training import RoundOutcome
-from common.config import RunConfig
+from common.config import ClientRunConfig
 from common.model import build_model
 from common.protocol import REFUSAL_KEY, train_metrics
 
@@ -57,7 +57,7 @@ def is_fit_instruction(content: RecordDict) -> bool:
     return FITINS_PARAMETERS in content.array_records
 
 
-def read_fit_instruction(content: RecordDict, flower_run_id: int) -> tuple[RunConfig, str, dict[str, torch.Tensor]]:
+def read_fit_instruction(content: RecordDict, flower_run_id: int) -> tuple[ClientRunConfig, str, dict[str, torch.Tensor]]:
     """The proposed run config, run key and global model from legacy `fitins.*` records.
 
     Legacy parameters are an unnamed list in `state_dict` order; the names come from the

@@ -22,20 +22,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from client.ledger import LedgerError, LedgerFile, PrivacyLedger, dataset_key, ledger_directory, record_ids
-from common.config import NodeConfig, RunConfig, check_delta
+from client.ledger import LedgerFile, ledger_directory
+from common.config import ClientRunConfig, NodeConfig, check_delta
 from common.data import client_shard, raw_pixels, resolve_data_dir, tensor_loader
 from common.errors import DataError, DpflError
 from common.model import build_model, fixed_features, split
-from common.privacy import (
-    History,
-    NoisePlan,
-    PrivacyBudget,
-    epsilon_after,
-    plan_noise,
-    sample_rate,
-    steps_per_epoch,
-)
+from common.privacy.accounting import History
+from common.privacy.ledger import LedgerError, PrivacyLedger, dataset_key, record_ids
+from common.privacy.planning import NoisePlan, PrivacyBudget, epsilon_after, plan_noise, round_shape
 from common.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -60,7 +54,7 @@ class RoundOutcome:
     refusal: str | None = None
 
 
-def proposed_budget(run: RunConfig) -> PrivacyBudget:
+def proposed_budget(run: ClientRunConfig) -> PrivacyBudget:
     """What the run proposes to spend per record; the ledger and the node config can only lower it.
 
     Under central DP the run's budget is the server's, per client; a client then adds no
@@ -74,17 +68,16 @@ def proposed_budget(run: RunConfig) -> PrivacyBudget:
 
 @dataclass(frozen=True)
 class Charge:
-    """A round the ledger has paid for: its plan, steps, and the data's epsilon with it."""
+    """A round the ledger has paid for: the plan's steps per round, and the data's epsilon with it."""
 
     plan: NoisePlan
-    steps: int
     epsilon: float
     delta: float
 
 
 def train_round(
     global_state: dict[str, torch.Tensor],
-    run: RunConfig,
+    run: ClientRunConfig,
     node: NodeConfig,
     run_key: str,
     simulated: bool = False,
@@ -120,9 +113,9 @@ def train_round(
     trainable, inputs = _training_inputs(model, shard, data_key, directory)
     plan = charge.plan
     taken = dp_train(trainable, inputs, plan, run)
-    if taken != ((plan.noise_multiplier, plan.sample_rate, charge.steps),):
+    if taken != ((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),):
         raise DpflError(
-            f"DP-SGD ran {taken} but the ledger was charged {charge.steps} steps at noise "
+            f"DP-SGD ran {taken} but the ledger was charged {plan.steps_per_round} steps at noise "
             f"{plan.noise_multiplier:.4g} and rate {plan.sample_rate:.4g}; the update is withheld"
         )
     return RoundOutcome(model.state_dict(), len(shard), charge.epsilon, charge.delta)
@@ -132,7 +125,7 @@ def charge_round(
     ledger_file: LedgerFile,
     records: np.ndarray,
     num_examples: int,
-    run: RunConfig,
+    run: ClientRunConfig,
     node: NodeConfig,
     plan_key: str,
     simulated: bool,
@@ -171,21 +164,21 @@ def charge_round(
                 num_examples,
                 training.batch_size,
                 training.local_epochs,
-                run.federation.num_server_rounds,
+                run.num_server_rounds,
                 privacy.noise_multiplier,
             )
             if plan is not None:
                 ledger.keep_plan(plan_key, plan)
-        steps = training.local_epochs * steps_per_epoch(num_examples, training.batch_size)
-        refusal = _refusal(ledger, spent, records, plan, steps, sample_rate(num_examples, training.batch_size), budget, privacy.accountant)
+        shape = round_shape(num_examples, training.batch_size, training.local_epochs)
+        refusal = _refusal(ledger, spent, records, plan, shape, budget, privacy.accountant)
         if refusal is None:
-            ledger.charge(records, plan.noise_multiplier, plan.sample_rate, steps)
+            ledger.charge(records, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
             ledger.accountant = privacy.accountant
         ledger_file.save(ledger)
     epsilon = ledger.epsilon(records, privacy.accountant, budget.delta)
     if refusal is not None:
         return RoundOutcome(None, 0, epsilon, budget.delta, refusal)
-    return Charge(plan, steps, epsilon, budget.delta)
+    return Charge(plan, epsilon, budget.delta)
 
 
 def _owners_word(node: NodeConfig, otherwise: PrivacyBudget) -> PrivacyBudget:
@@ -201,12 +194,11 @@ def _refusal(
     spent: set[History],
     records: np.ndarray,
     plan: NoisePlan | None,
-    steps: int,
-    rate: float,
+    shape: tuple[float, int],
     budget: PrivacyBudget,
     mechanism: str,
 ) -> str | None:
-    """Why a round of `steps` steps at sampling rate `rate` must be refused, or None.
+    """Why a round must be refused, or None; `shape` is the (sampling rate, steps) the run's config gives it now.
 
     Only epsilon figures go into the reason, which leaves the client: how many records are
     spent would tell the server about the data's past.
@@ -220,12 +212,13 @@ def _refusal(
 
     if plan is None:
         return f"{exhausted()}; nothing is left for this run"
-    if rate != plan.sample_rate:
+    if shape != (plan.sample_rate, plan.steps_per_round):
         return (
-            f"the round's sampling rate {rate:.4g} differs from the planned "
-            f"{plan.sample_rate:.4g} (batch-size changed mid-run); the noise plan would not hold"
+            f"the round's sampling rate and steps {shape[0]:.4g}, {shape[1]} differ from the planned "
+            f"{plan.sample_rate:.4g}, {plan.steps_per_round} (batch-size or local-epochs changed "
+            "mid-run); the noise plan would not hold"
         )
-    after = epsilon_after(spent, plan, steps, mechanism, budget.delta)
+    after = epsilon_after(spent, plan, plan.steps_per_round, mechanism, budget.delta)
     if after > budget.epsilon:
         return f"{exhausted()}; this round would reach {after:.3f}"
     return None
@@ -274,7 +267,7 @@ def _stored_features(path: Path, count: int) -> torch.Tensor | None:
     return features if isinstance(features, torch.Tensor) and len(features) == count else None
 
 
-def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: RunConfig) -> History:
+def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: ClientRunConfig) -> History:
     """DP-SGD over `shard` for the configured local epochs; returns the steps Opacus accounted.
 
     Poisson sampling, per-sample clipping and Gaussian noise come from Opacus, with the

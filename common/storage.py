@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# The run directory's file names, written by the server and read by export.
+CONFIG_FILE = "config.toml"
+MODEL_FILE = "model.pt"
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a synced temporary file and a rename, so a reader never sees half a file."""

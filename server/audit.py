@@ -32,7 +32,7 @@ The accountants (Opacus', in the clients' ledgers and in `summary.json`) bound a
 neighbours, one record more or fewer, and the same training has a larger replace-one epsilon
 (the default run: 1.99 add/remove, about 4.3 replace-one by a tight PLD computation, 4.53 by
 the bound used here). So the lower bound is compared with a replace-one *upper* bound derived
-from the same accounting by group privacy (`common.privacy.replace_one_epsilon`: 2 eps1, eps1
+from the same accounting by group privacy (`common.privacy.accounting.replace_one_epsilon`: 2 eps1, eps1
 the accountant's add/remove epsilon at a delta1 with (1 + e^eps1) delta1 <= delta), at the
 delta the lower bound uses. That needs the run's accountant history, not only its final
 epsilon. Under local DP it is rebuilt from `config.toml` as `dpfl plan` plans it (shard sizes,
@@ -68,9 +68,10 @@ from torch.utils.data import TensorDataset
 from common.config import RunConfig, load_toml
 from common.data import load_mnist, resolve_data_dir, shard_indices
 from common.errors import DpflError
-from common.privacy import History, PrivacyBudget, history_epsilon, plan_noise, replace_one_epsilon
+from common.export import load_model
+from common.privacy.accounting import History, history_epsilon, replace_one_epsilon
+from common.privacy.planning import PrivacyBudget, plan_noise
 from common.storage import atomic_write
-from server.export import load_model
 from server.results import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 
 AUDIT_FILE = "audit.json"
@@ -385,7 +386,7 @@ def replace_one_bound(
 
     The run's accountant history is rebuilt (module docstring, "Like with like"), checked
     against `accountant_epsilon` (the add/remove epsilon `summary.json` reports: the history
-    must explain it), and converted by `common.privacy.replace_one_epsilon`, client group by
+    must explain it), and converted by `common.privacy.accounting.replace_one_epsilon`, client group by
     client group; the largest bound is the run's, as every record is one client's. `rounds`
     is how many rounds completed (None: unknown, then all planned rounds are counted).
     Returns (None, why) when no bound can be vouched for, (inf, why) for a non-private run.
@@ -434,7 +435,7 @@ def replace_one_bound(
 def _local_histories(config: RunConfig, shard_sizes: list[int], rounds: int) -> list[History]:
     """Each client group's DP-SGD history over `rounds` rounds, planned as the clients plan it.
 
-    `common.privacy.plan_noise` for records never trained on, as `dpfl plan` and the clients'
+    `common.privacy.planning.plan_noise` for records never trained on, as `dpfl plan` and the clients'
     ledgers use it. Records with earlier spending in a kept ledger get at least this noise
     (up to the planner's tolerance of 0.01 in epsilon), and their cumulative epsilon in
     `summary.json` then mostly fails the check in `replace_one_bound` anyway.

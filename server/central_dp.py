@@ -14,7 +14,7 @@ composition of those releases, counted with the Opacus accountant the config nam
 Fewer replies than sampled (crashes, timeouts, refusals, rejected updates) shrink the
 update towards the global model; they cost no extra privacy. The epsilon composes every
 central-DP run whose server kept its releases in the same ledger directory
-(`CentralLedger`): the same clients' data went into all of them.
+(`common.privacy.central.CentralLedger`): the same clients' data went into all of them.
 
 Flower's `DifferentialPrivacy*SideFixedClipping` wrappers average the m' replies they
 receive instead, and one client then moves the release by up to 2C / m' (2C / 3 rather
@@ -30,10 +30,8 @@ updates first.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -44,115 +42,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.supercore.differential_privacy import compute_clip_model_update
-from filelock import FileLock
-from opacus.accountants import create_accountant
 
-from common.config import PrivacyConfig
-from common.errors import DpflError
-from common.storage import atomic_write
-from common.privacy import accountant_epsilon
+from common.config import CentralConfig, PrivacyConfig
+from common.privacy.central import CentralLedger, ClientLevelAccountant, Releases
 from common.protocol import ARRAYS_KEY
 from server.strategy import UNIFORM_WEIGHT, BudgetExhausted, LedgerAwareFedAvg
 
 log = logging.getLogger(__name__)
-
-#: One (noise multiplier, sampling rate, releases) entry per run of equal releases.
-History = list[tuple[float, float, int]]
-#: In the run's ledger directory: the client-level releases of every central-DP run there.
-CENTRAL_LEDGER_FILE = "central-ledger.json"
-
-
-class ClientLevelAccountant:
-    """The client-level epsilon of the global models a central-DP server has released.
-
-    Every release is the sum of at most m clipped updates (norm <= C) divided by the fixed
-    m, plus noise of std sigma * C / m. When every client takes part in every round
-    (`subsampled` false), removing one client removes one update: sensitivity C / m, a
-    Gaussian mechanism with noise multiplier sigma, however many updates it summed. When
-    Flower samples m of more clients, a fixed number without replacement, removing a client
-    that was sampled lets another take its place: the release moves by up to 2C / m, so each
-    release counts with noise multiplier sigma / 2. Subsampling amplification is not
-    claimed (sampling rate 1): Opacus' accountants model Poisson sampling, not Flower's.
-    """
-
-    def __init__(
-        self,
-        privacy: PrivacyConfig,
-        history: History | None = None,
-        subsampled: bool = False,
-        shared: CentralLedger | None = None,
-    ) -> None:
-        """`history` is this run's releases so far; `shared` holds every other run's on the same clients."""
-        self.noise_multiplier = privacy.central_noise_multiplier / (2 if subsampled else 1)
-        self.delta = privacy.target_delta
-        self.accountant = create_accountant(privacy.accountant)
-        self.accountant.history = list(history or [])
-        self.shared = shared
-
-    @property
-    def history(self) -> History:
-        """This run's releases (what a resumed run continues)."""
-        return list(self.accountant.history)
-
-    def record_release(self) -> None:
-        """Count one released global model."""
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0)
-        if self.shared is not None:
-            self.shared.save(self.history)
-
-    @property
-    def epsilon(self) -> float:
-        """The clients' epsilon: this run's releases composed with every other run's they took part in."""
-        return self._epsilon(self.history)
-
-    def epsilon_after_next_release(self) -> float:
-        """The epsilon once one more global model is released."""
-        return self._epsilon([*self.history, (self.noise_multiplier, 1.0, 1)])
-
-    def _epsilon(self, own: History) -> float:
-        composed = create_accountant(self.accountant.mechanism())
-        composed.history = [*(self.shared.others() if self.shared is not None else []), *own]
-        return accountant_epsilon(composed, self.delta)
-
-
-class CentralLedger:
-    """The client-level releases of every central-DP run sharing a ledger directory, one history per run.
-
-    A run's client-level epsilon is not the run's alone: the same clients' data went into
-    every earlier (and concurrent) run whose server kept its releases here, so the epsilon a
-    server reports composes them all. Each run writes only its own history, under a lock
-    and atomically, so concurrent runs lose nothing of each other's; a resumed run rewrites
-    its own with the checkpoint's.
-    """
-
-    def __init__(self, directory: Path, run_key: str) -> None:
-        self.path = Path(directory) / CENTRAL_LEDGER_FILE
-        self.run_key = run_key
-        self.lock = FileLock(Path(directory) / f"{CENTRAL_LEDGER_FILE}.lock")
-
-    def others(self) -> History:
-        """Every other run's releases, in the order the runs first released."""
-        with self.lock:
-            runs = self._read()
-        return [tuple(entry) for key, history in runs.items() if key != self.run_key for entry in history]
-
-    def save(self, history: History) -> None:
-        with self.lock:
-            runs = self._read()
-            runs[self.run_key] = [list(entry) for entry in history]
-            atomic_write(self.path, json.dumps({"format": 1, "runs": runs}, indent=1).encode())
-
-    def _read(self) -> dict[str, list[list[float]]]:
-        if not self.path.is_file():
-            return {}
-        try:
-            return dict(json.loads(self.path.read_text(encoding="utf-8"))["runs"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise DpflError(
-                f"{self.path} is unreadable ({err}); restore it from a backup: it holds the "
-                "client-level privacy that earlier central-DP runs spent"
-            ) from None
-
 
 class _DPFedAvg:
     """What both of Flower's wrappers get from dpfl: screening, the fixed-denominator release, accounting.
@@ -259,8 +155,9 @@ class ClientSideClipping(_DPFedAvg, DifferentialPrivacyClientSideFixedClipping):
 def central_dp(
     strategy: LedgerAwareFedAvg,
     privacy: PrivacyConfig,
+    central: CentralConfig,
     sampled: int,
-    history: History | None = None,
+    history: Releases | None = None,
     num_clients: int | None = None,
     shared: CentralLedger | None = None,
 ) -> tuple[Strategy, ClientLevelAccountant]:
@@ -269,11 +166,10 @@ def central_dp(
     `shared` composes other runs' releases on the same clients into the epsilon."""
     if strategy.weighted_by_key != UNIFORM_WEIGHT:
         raise ValueError("central DP needs a strategy that aggregates uniformly (uniform_weights=True)")
-    wrapper = ServerSideClipping if privacy.central_clipping == "server" else ClientSideClipping
-    wrapped = wrapper(
-        strategy, privacy.central_noise_multiplier, privacy.central_clipping_norm, sampled
-    )
+    wrapper = ServerSideClipping if central.central_clipping == "server" else ClientSideClipping
+    wrapped = wrapper(strategy, central.central_noise_multiplier, central.central_clipping_norm, sampled)
     subsampled = num_clients is not None and num_clients > sampled
-    wrapped.privacy = ClientLevelAccountant(privacy, history, subsampled, shared)
+    sigma = central.central_noise_multiplier / (2 if subsampled else 1)
+    wrapped.privacy = ClientLevelAccountant(sigma, privacy.target_delta, privacy.accountant, history, shared)
     wrapped.target_epsilon = privacy.target_epsilon
     return wrapped, wrapped.privacy

@@ -25,9 +25,10 @@ from common.config import clients_per_round
 from common.data import load_mnist, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model, fixed_features, split
-from common.privacy import describe_epsilon
+from common.privacy.accounting import describe_epsilon
 from common.protocol import RUN_KEY
-from server.central_dp import CentralLedger, central_dp
+from common.privacy.central import CentralLedger
+from server.central_dp import central_dp
 from server.plots import plot_run
 from server.results import SUMMARY_FILE, RoundRow, RunDirectory
 from server.secure_aggregation import run_secure_aggregation
@@ -73,7 +74,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         # federation's): earlier central runs there released the same clients' data.
         shared = CentralLedger(Path(config.privacy.ledger_dir), run_dir.run_key)
         started, client_level = central_dp(
-            strategy, config.privacy, sampled, run_dir.central_history, federation.num_clients, shared
+            strategy, config.privacy, config.central, sampled, run_dir.central_history, federation.num_clients, shared
         )
 
     privacy_unit = "client" if central else "example"
@@ -138,7 +139,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
                 initial_arrays=ArrayRecord(model.state_dict()),
                 num_rounds=federation.num_server_rounds - done,
                 timeout=federation.round_timeout,
-                train_config=ConfigRecord({**config.to_flat(), RUN_KEY: run_dir.run_key}),
+                train_config=ConfigRecord({**config.for_clients().to_flat(), RUN_KEY: run_dir.run_key}),
                 evaluate_fn=central_evaluate,
             )
     except BudgetExhausted as err:

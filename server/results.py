@@ -28,14 +28,12 @@ import torch
 from common.config import RunConfig, load_toml
 from common.errors import DpflError
 from common.model import build_model
-from common.storage import atomic_write
+from common.storage import CONFIG_FILE, MODEL_FILE, atomic_write
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.toml"
 ROUNDS_FILE = "rounds.csv"
 SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGERS_DIR = "ledgers"
 

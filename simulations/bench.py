@@ -1,5 +1,5 @@
 """`dpfl bench`'s measurements: the utility and speed figures of a preset (printed and saved by
-`simulations.bench_cli`).
+`simulations.cli.bench`).
 
 Targets: test accuracy >= 98% at epsilon = 2 for 10 IID clients (>= 95% with
 Dirichlet(0.5) label skew), the whole run <= 5 minutes, one DP-SGD epoch <= 1.3x the same
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.privacy import PrivacyBudget, plan_noise
+from common.privacy.planning import PrivacyBudget, plan_noise
 from client.training import dp_train, train_round
 from common.config import NodeConfig, RunConfig
 from common.data import client_shard, load_mnist, resolve_data_dir, tensor_loader
@@ -57,7 +57,7 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
             len(inputs), config.training.batch_size, epochs, config.federation.num_server_rounds,
         )
         start = time.perf_counter()  # noise planning is once per run, not per epoch
-        dp_train(model, inputs, plan, config)
+        dp_train(model, inputs, plan, config.for_clients())
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.training.learning_rate, momentum=config.training.momentum)
         for _ in range(epochs):
@@ -110,10 +110,11 @@ def _rounds_in_process(config: RunConfig, scored_on: TensorDataset | None, run_k
     if scored_on is None:
         scored_on = fixed_features(model, load_mnist(resolve_data_dir(config.data.data_dir), train=False))
     clients = config.federation.num_clients
+    proposal = config.for_clients()
     accuracy, epsilon = 0.0, 0.0
     for _ in range(config.federation.num_server_rounds):
         outcomes = [
-            train_round(copy.deepcopy(model.state_dict()), config, NodeConfig(partition_id=i, num_partitions=clients), run_key, simulated=True)
+            train_round(copy.deepcopy(model.state_dict()), proposal, NodeConfig(partition_id=i, num_partitions=clients), run_key, simulated=True)
             for i in range(clients)
         ]
         trained = [o for o in outcomes if o.state_dict is not None]
@@ -126,7 +127,7 @@ def _rounds_in_process(config: RunConfig, scored_on: TensorDataset | None, run_k
     return {"seconds": time.perf_counter() - start, "accuracy": accuracy, "epsilon": epsilon}
 
 
-def bench(preset: str, overrides: list[str]) -> dict[str, Any]:
+def bench(preset: str | None, overrides: list[str]) -> dict[str, Any]:
     """Run every measurement; return figures, targets and ratios."""
     from simulations.engine import simulate
 

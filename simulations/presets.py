@@ -1,4 +1,8 @@
-"""Named run configs shipped as TOML files in `simulations/presets/`."""
+"""Named run configs shipped as TOML files in `simulations/presets/`; without one, the schema's default run.
+
+A preset lists only what it changes from the schema's defaults, so a default changed in the
+schema reaches every preset that does not say otherwise.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from common.config import RunConfig, load_toml, parse_overrides
 from common.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-DEFAULT_PRESET = "mnist-eps2"
 
 
 def available_presets() -> list[str]:
@@ -33,8 +36,8 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """A preset (the default one for None) with `key=value` overrides applied, validated."""
-    values = load_toml(preset_path(name or DEFAULT_PRESET))
+    """A preset (the schema's default run for None) with `key=value` overrides applied, validated."""
+    values = load_toml(preset_path(name)) if name is not None else {}
     values.update(parse_overrides(overrides or []))
     return RunConfig.from_mapping(values)
 
@@ -43,8 +46,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--preset` and `--set`, the same for every command that takes a run config."""
     parser.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
-        help=f"preset name ({', '.join(available_presets())}) or path to a TOML file",
+        help=f"preset name ({', '.join(available_presets())}) or path to a TOML file; "
+        "default: the default run (the schema's defaults, which mnist-eps2 names)",
     )
     parser.add_argument(
         "--set",

@@ -82,7 +82,7 @@ class PeakMemory:
                 return
 
 
-def scale(preset: str, overrides: list[str], client_counts: list[int]) -> list[dict[str, Any]]:
+def scale(preset: str | None, overrides: list[str], client_counts: list[int]) -> list[dict[str, Any]]:
     """One simulation per client count, over the same training images; time and peak memory of each."""
     from simulations.engine import simulate
 

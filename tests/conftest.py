@@ -36,9 +36,11 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> RunConfig:
             "num-clients": 2,
             "num-server-rounds": 3,
             "train-subset": 600,
+            "model": "cnn",
             "batch-size": 50,
             "local-epochs": 1,
             "learning-rate": 1.0,
+            "max-grad-norm": 1.0,
             "target-epsilon": 4.0,
             "target-delta": 1e-5,
         }

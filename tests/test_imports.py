@@ -1,7 +1,10 @@
 """The package layout's rules, read statically from the source: no import cycles, client and server apart."""
 
 import ast
-from pathlib import Path
+import importlib.metadata
+import re
+import sys
+import tomllib
 
 from tests.conftest import REPO
 
@@ -51,3 +54,25 @@ def test_client_and_server_never_import_each_other():
         if top in ("client", "server"):
             other = "server" if top == "client" else "client"
             assert not {t for t in targets if t.split(".")[0] == other}, name
+
+
+def test_every_third_party_package_the_code_imports_is_declared():
+    """A fresh `pip install -e .` (or `.[export]`) must bring everything the packages import."""
+    imported = set()
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - set(PACKAGES)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    declared = {re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-") for requirement in requirements}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        name for name in third_party
+        if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared
+    }
+    assert undeclared == set()

@@ -43,7 +43,7 @@ def train_message(config, server_round):
     record = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(build_model("cnn", seed=0).state_dict()),
-            CONFIG_KEY: ConfigRecord({**config.to_flat(), "server-round": server_round}),
+            CONFIG_KEY: ConfigRecord({**config.for_clients().to_flat(), "server-round": server_round}),
         }
     )
     return Message(record, dst_node_id=5, message_type="train")
@@ -88,7 +88,7 @@ def test_client_side_clipping_bounds_the_update_only_when_the_server_asks(tiny_c
 
 def fit_message(config, arrays):
     """A legacy fit instruction, as Flower's SecAgg+ workflow sends it at the masking stage."""
-    fit_ins = FitIns(ndarrays_to_parameters(arrays), config.to_flat())
+    fit_ins = FitIns(ndarrays_to_parameters(arrays), config.for_clients().to_flat())
     return Message(compat.fitins_to_recorddict(fit_ins, keep_input=True), dst_node_id=5, message_type="train")
 
 

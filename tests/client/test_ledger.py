@@ -11,18 +11,20 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from client.ledger import LEDGER_FILE, LedgerFile, PrivacyLedger, record_ids
+from client.ledger import LEDGER_FILE, LedgerFile
+from common.privacy.ledger import PrivacyLedger, record_ids
 from client.training import train_round
 from common.config import NodeConfig, RunConfig
 from common.data import MEAN, STD, client_shard, raw_pixels
 from common.errors import ConfigError
 from common.model import build_model
-from common.privacy import PrivacyBudget, plan_noise, plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.privacy.planning import PrivacyBudget, plan_noise, plan_noise_multiplier
 from simulations.cli import main as dpfl
 
 SHARD = 300  # tiny_config: 600 images over 2 clients
 BATCH = 50
-STEPS = steps_per_epoch(SHARD, BATCH)  # one local epoch per round
+STEPS = SHARD // BATCH  # one local epoch per round
+RATE = BATCH / SHARD
 
 
 def independent_epsilon(accountant, history, delta):
@@ -55,7 +57,7 @@ def run_rounds(config, client, run_key, rounds, simulated=True):
     model_state = build_model("cnn", seed=0).state_dict()
     outcomes = []
     for _ in range(rounds):
-        outcome = train_round(model_state, config, client, run_key, simulated=simulated)
+        outcome = train_round(model_state, config.for_clients(), client, run_key, simulated=simulated)
         model_state = outcome.state_dict or model_state
         outcomes.append(outcome)
     return outcomes
@@ -88,7 +90,7 @@ def test_epsilon_is_cumulative_and_matches_an_independent_accountant(config, acc
     outcomes = run_rounds(config, node(), "run-1", 3)
     (plan,) = ledger_json(config.privacy.ledger_dir)["plans"].values()
     for k, outcome in enumerate(outcomes, start=1):
-        expected = independent_epsilon(accountant, [(plan["noise_multiplier"], sample_rate(SHARD, BATCH), k * STEPS)], 1e-5)
+        expected = independent_epsilon(accountant, [(plan["noise_multiplier"], RATE, k * STEPS)], 1e-5)
         assert outcome.epsilon == pytest.approx(expected, rel=1e-9)
     epsilons = [o.epsilon for o in outcomes]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:]))  # strictly increasing
@@ -107,7 +109,7 @@ def test_over_budget_round_is_refused_and_trains_nothing(config):
 
     global_state = build_model("cnn", seed=1).state_dict()
     copy = {k: v.clone() for k, v in global_state.items()}
-    refused = train_round(global_state, config, node(1), "spend-it", simulated=True)
+    refused = train_round(global_state, config.for_clients(), node(1), "spend-it", simulated=True)
     assert "privacy budget exhausted" in refused.refusal
     assert refused.state_dict is None and refused.num_examples == 0  # nothing released
     assert all(torch.equal(copy[k], global_state[k]) for k in global_state)  # weights untouched
@@ -123,7 +125,7 @@ def test_the_node_config_budget_binds_and_is_written_into_a_new_ledger(config, t
     assert (saved["target-epsilon"], saved["target-delta"]) == (1.0, 1e-6)
     assert saved["events"][0]["by"] == "node config"
     (plan,) = saved["plans"].values()
-    planned = plan_noise_multiplier(1.0, 1e-6, sample_rate(SHARD, BATCH), 3 * STEPS, "prv")
+    planned = plan_noise_multiplier(1.0, 1e-6, RATE, 3 * STEPS, "prv")
     assert plan["noise_multiplier"] == planned
 
 
@@ -348,7 +350,7 @@ def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(config,
 
     monkeypatch.setattr(training, "fixed_features", counting_fixed_features)
     model_state = build_model("scatnet").state_dict()
-    outcomes = [train_round(model_state, scatnet, node(), "scat", simulated=True) for _ in range(2)]
+    outcomes = [train_round(model_state, scatnet.for_clients(), node(), "scat", simulated=True) for _ in range(2)]
     assert calls == [SHARD]  # the shard's features, computed in round 1 and read back in round 2
     assert set(outcomes[-1].state_dict) == {"head.2.weight", "head.2.bias"}
     assert outcomes[0].epsilon < outcomes[1].epsilon <= scatnet.privacy.target_epsilon
@@ -356,6 +358,6 @@ def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(config,
     # A damaged file is recomputed and rewritten, not an error.
     (stored,) = Path(config.privacy.ledger_dir).glob("features-*.pt")
     stored.write_bytes(b"not a tensor")
-    train_round(model_state, scatnet, node(), "scat", simulated=True)
+    train_round(model_state, scatnet.for_clients(), node(), "scat", simulated=True)
     assert calls == [SHARD, SHARD]
     assert torch.load(stored, weights_only=True).shape == (SHARD, 81, 7, 7)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.privacy import PrivacyBudget, plan_noise
+from common.privacy.planning import PrivacyBudget, plan_noise
 from client.training import dp_train
 
 

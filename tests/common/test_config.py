@@ -2,16 +2,27 @@ import tomllib
 
 import pytest
 
-from common.config import NodeConfig, RunConfig, parse_overrides
+from common.config import ClientRunConfig, NodeConfig, RunConfig, load_toml, parse_overrides
+from common.config.reference import stale_files
 from common.errors import ConfigError
-from simulations.presets import load_preset
+from simulations.presets import available_presets, load_preset, preset_path
 from tests.conftest import REPO
 
 
-def test_defaults_are_valid():
+def test_the_schemas_defaults_are_the_default_run():
     config = RunConfig.from_mapping({})
+    assert config == RunConfig() == load_preset(None) == load_preset("mnist-eps2")
+    assert (config.training.model, config.training.batch_size, config.privacy.max_grad_norm) == ("scatnet", 1200, 0.1)
     assert config.privacy.accountant == "prv"
     assert config.total_train_examples() == 60_000
+
+
+def test_presets_list_only_what_they_change():
+    """A preset that repeats a default would go stale when the schema's default moves."""
+    defaults = RunConfig().to_flat()
+    for name in available_presets():
+        repeated = {key for key, value in load_toml(preset_path(name)).items() if key != "name" and defaults[key] == value}
+        assert not repeated, f"preset {name} repeats defaults: {sorted(repeated)}"
 
 
 def test_flat_round_trip():
@@ -19,12 +30,34 @@ def test_flat_round_trip():
     assert RunConfig.from_mapping(config.to_flat()) == config
 
 
-def test_pyproject_defaults_equal_the_mnist_eps2_preset():
-    """`flwr run .` and `dpfl simulate --preset mnist-eps2` must train the same thing."""
+def test_generated_app_config_and_reference_equal_the_schema():
+    """`pyproject.toml`'s app config and docs/configuration.md come from the schema (`dpfl config --write`)."""
+    assert stale_files(REPO) == []
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert RunConfig.from_mapping(pyproject) == load_preset("mnist-eps2")
-    # Flower accepts `flwr run --run-config` overrides only for keys declared there: all of them.
-    assert set(pyproject) == set(RunConfig().to_flat())
+    # `flwr run .` trains the default run, and accepts `--run-config` overrides for every key.
+    assert RunConfig.from_mapping(pyproject) == RunConfig()
+    assert list(pyproject) == RunConfig.keys()
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert all(f"| `{key}` |" in reference for key in [*RunConfig.keys(), *NodeConfig.keys()])
+
+
+def test_a_stale_generated_file_is_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name in ("pyproject.toml", "docs/configuration.md"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("batch-size = 1200", "batch-size = 600"))
+    assert stale_files(tmp_path) == [pyproject]
+
+
+def test_a_client_validates_only_the_keys_it_is_sent():
+    sent = RunConfig().for_clients().to_flat()
+    assert set(sent) == set(ClientRunConfig.keys()) < set(RunConfig.keys())
+    assert ClientRunConfig.from_mapping(sent) == RunConfig().for_clients()
+    with pytest.raises(ConfigError, match="unknown config key 'secagg-quantization-range'"):
+        ClientRunConfig.from_mapping({**sent, "secagg-quantization-range": 2**31})
+    with pytest.raises(ConfigError, match="noise-multiplier = 1 contradicts target-epsilon = inf"):
+        ClientRunConfig.from_mapping({**sent, "target-epsilon": "inf", "noise-multiplier": 1.0})
 
 
 def test_string_overrides_are_typed():
@@ -61,7 +94,7 @@ def test_secure_aggregation_is_off_by_default_and_checked_only_when_on():
         ({"fraction-train": 0}, "fraction-train = 0 is invalid: must be a number in (0, 1]"),
         ({"train-subset": 70_000}, "train-subset = 70000 is invalid: must be an integer in [0, 60000]"),
         ({"batch-size": "64x"}, "batch-size = '64x' is invalid"),
-        ({"model": 3}, "model = 3 is invalid: must be one of: cnn"),
+        ({"model": 3}, "model = 3 is invalid: must be one of: cnn, scatnet"),
         ({"target-epsilom": 2.0}, "unknown config key 'target-epsilom'; known keys:"),
         ({"min-train-clients": 11}, "min-train-clients = 11 is invalid: more than num-clients = 10"),
         ({"secure-aggregation": "yes"}, "secure-aggregation = 'yes' is invalid: must be true or false"),

@@ -27,7 +27,7 @@ from common.data import client_shard, load_mnist
 from common.errors import DpflError
 from common.evaluation import evaluate
 from common.model import build_model
-from common.privacy import describe_epsilon, replace_one_epsilon
+from common.privacy.accounting import describe_epsilon, replace_one_epsilon
 from server.audit import (
     AUDIT_FILE,
     CONFIDENCE,
@@ -39,7 +39,7 @@ from server.audit import (
     tpr_at_fpr,
 )
 from server.results import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from simulations.audit_cli import READING, add_commands
+from simulations.cli.audit import READING, register
 
 # 200 training images: on 500 the CNN generalises so well that the loss attack only reaches
 # AUC ~0.63 even at zero training loss, too close to the 0.6 floor for a robust test.
@@ -69,7 +69,11 @@ def run_config(data_dir) -> RunConfig:
             "data-dir": str(data_dir),
             "num-clients": NUM_CLIENTS,
             "train-subset": TRAIN_IMAGES,
+            "model": "cnn",
             "batch-size": BATCH,
+            "local-epochs": 3,
+            "learning-rate": 2.0,
+            "max-grad-norm": 1.0,
             "target-epsilon": EPSILON,
             "target-delta": DELTA,
         }
@@ -195,7 +199,7 @@ def planned_run(config: RunConfig, rounds: int) -> tuple[tuple, dict]:
 
 def run_cli(*argv: object) -> tuple[int, str]:
     parser = argparse.ArgumentParser(prog="dpfl")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([str(arg) for arg in argv])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         code = args.handler(args)

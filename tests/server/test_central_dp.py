@@ -9,23 +9,30 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import create_accountant
 
-from common.config import PrivacyConfig, RunConfig
+from common.config import CentralConfig, PrivacyConfig, RunConfig
 from common.errors import ConfigError
-from server.central_dp import CentralLedger, ClientLevelAccountant, central_dp
+from common.privacy.central import CentralLedger, ClientLevelAccountant
+from server.central_dp import central_dp
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
 from tests.server.test_strategy import FakeGrid, reply, strategy_log, task_identity  # noqa: F401
 
 GLOBAL = ArrayRecord([np.zeros(3, dtype=np.float32)])
 
 
-def privacy(**changes) -> PrivacyConfig:
-    base = PrivacyConfig(dp_mode="central", central_clipping_norm=2.0, central_noise_multiplier=0.0)
-    return dataclasses.replace(base, **changes)
+def privacy(**changes) -> tuple[PrivacyConfig, CentralConfig]:
+    """The privacy and central sections of a central-DP run: C = 2, sigma = 0 unless changed."""
+    central_keys = {f.name for f in dataclasses.fields(CentralConfig)}
+    central = {key: value for key, value in changes.items() if key in central_keys}
+    local = {key: value for key, value in changes.items() if key not in central_keys}
+    return (
+        dataclasses.replace(PrivacyConfig(dp_mode="central"), **local),
+        dataclasses.replace(CentralConfig(central_clipping_norm=2.0, central_noise_multiplier=0.0), **central),
+    )
 
 
-def wrapped(config: PrivacyConfig, sampled: int = 2, history=None):
+def wrapped(config: tuple[PrivacyConfig, CentralConfig], sampled: int = 2, history=None):
     strategy = LedgerAwareFedAvg(uniform_weights=True, min_train_nodes=sampled, min_available_nodes=sampled)
-    dp, accountant = central_dp(strategy, config, sampled, history)
+    dp, accountant = central_dp(strategy, *config, sampled, history)
     dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(list(range(1, sampled + 1))))
     return dp, strategy, accountant
 
@@ -35,7 +42,7 @@ def update(node_id, values):
     return reply(node_id, arrays=ArrayRecord([np.asarray(values, dtype=np.float32)]), epsilon=math.inf)
 
 
-def release(config: PrivacyConfig, sampled: int, updates: dict[int, list[float]]) -> np.ndarray:
+def release(config: tuple[PrivacyConfig, CentralConfig], sampled: int, updates: dict[int, list[float]]) -> np.ndarray:
     """The global model released for one round in which the nodes in `updates` replied."""
     dp, _, _ = wrapped(config, sampled)
     arrays, _ = dp.aggregate_train(1, [update(node, values) for node, values in updates.items()])
@@ -121,7 +128,7 @@ def test_every_release_is_accounted_with_sigma_whatever_number_of_clients_replie
 
 
 def test_client_level_epsilon_equals_an_independent_opacus_accountant():
-    accountant = ClientLevelAccountant(privacy(central_noise_multiplier=1.5, accountant="rdp"))
+    accountant = ClientLevelAccountant(1.5, 1e-5, "rdp")
     for _ in range(3):
         accountant.record_release()
     independent = create_accountant("rdp")
@@ -135,7 +142,7 @@ def test_client_level_epsilon_equals_an_independent_opacus_accountant():
 def test_a_round_past_the_central_budget_is_not_started():
     config = privacy(target_epsilon=1.0, central_noise_multiplier=1.0)  # one release costs ~4.4
     strategy = LedgerAwareFedAvg(uniform_weights=True, min_train_nodes=2, min_available_nodes=2)
-    dp, _ = central_dp(strategy, config, 2)
+    dp, _ = central_dp(strategy, *config, 2)
     with pytest.raises(BudgetExhausted, match="central privacy budget is spent"):
         dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid([1, 2]))
 
@@ -164,35 +171,34 @@ def test_an_unchanged_model_is_left_out_instead_of_crashing_flowers_clipping():
 
 def test_central_dp_refuses_a_strategy_that_weighs_by_examples():
     with pytest.raises(ValueError, match="aggregates uniformly"):
-        central_dp(LedgerAwareFedAvg(), privacy(), 2)
+        central_dp(LedgerAwareFedAvg(), *privacy(), 2)
 
 
 def test_sampling_some_clients_counts_each_release_at_half_the_noise_multiplier():
     """Sampled without replacement, a removed client's place goes to another: sensitivity 2C/m."""
     config = privacy(central_noise_multiplier=2.0)
-    _, everyone = central_dp(LedgerAwareFedAvg(uniform_weights=True), config, 2, None, num_clients=2)
-    _, some = central_dp(LedgerAwareFedAvg(uniform_weights=True), config, 2, None, num_clients=4)
+    _, everyone = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, 2, None, num_clients=2)
+    _, some = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, 2, None, num_clients=4)
     everyone.record_release()
     some.record_release()
     assert everyone.history == [(2.0, 1.0, 1)] and some.history == [(1.0, 1.0, 1)]
 
 
 def test_the_client_level_epsilon_composes_every_run_that_shares_the_ledger_directory(tmp_path):
-    config = privacy(central_noise_multiplier=2.0, accountant="rdp")
-    first = ClientLevelAccountant(config, shared=CentralLedger(tmp_path, "run-1"))
+    first = ClientLevelAccountant(2.0, 1e-5, "rdp", shared=CentralLedger(tmp_path, "run-1"))
     first.record_release()
     first.record_release()
-    second = ClientLevelAccountant(config, shared=CentralLedger(tmp_path, "run-2"))
+    second = ClientLevelAccountant(2.0, 1e-5, "rdp", shared=CentralLedger(tmp_path, "run-2"))
     assert second.epsilon == pytest.approx(first.epsilon)  # the first run's releases, already
     second.record_release()
     independent = create_accountant("rdp")
     for _ in range(3):
         independent.step(noise_multiplier=2.0, sample_rate=1.0)
-    assert second.epsilon == pytest.approx(independent.get_epsilon(delta=config.target_delta), rel=1e-9)
+    assert second.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
     assert first.epsilon == pytest.approx(second.epsilon)  # and the first sees the second's
     # A resumed run rewrites its own history, not another's.
     before = second.epsilon
-    resumed = ClientLevelAccountant(config, first.history, shared=CentralLedger(tmp_path, "run-1"))
+    resumed = ClientLevelAccountant(2.0, 1e-5, "rdp", first.history, shared=CentralLedger(tmp_path, "run-1"))
     resumed.record_release()
     assert resumed.epsilon == second.epsilon > before  # four releases in all
     assert [len(h) for h in json.loads((tmp_path / "central-ledger.json").read_text())["runs"].values()] == [1, 1]

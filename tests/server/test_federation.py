@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
-from common.protocol import ARRAYS_KEY, METRICS_KEY, train_metrics
+from client.proposal import read_proposal
+from common.config import ClientRunConfig, RunConfig
+from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RUN_KEY, SERVER_ROUND, train_metrics
 from server.federation import run_federation
 from server.plots import LABELS_PLOT, ROUNDS_PLOT
 from server.results import ROUNDS_FILE, SUMMARY_FILE, RunDirectory
@@ -103,3 +104,22 @@ def test_a_run_whose_clients_all_report_claims_no_bound(tiny_config, dpfl_logs):
     summary = run_federation(ScriptedGrid({1: sound(0.5), 2: sound(0.7)}), RunDirectory.create(config))
     assert summary["epsilon"] == pytest.approx(0.7) and summary["clients-unreported"] == []
     assert "upper bound set by target-epsilon" not in dpfl_logs.text
+
+
+def test_clients_are_sent_only_the_keys_they_use(tiny_config):
+    """The round's config carries the client's share of the run, never the server's own settings."""
+    sent = []
+
+    def recording(instruction: Message) -> Message:
+        sent.append(dict(instruction.content[CONFIG_KEY]))
+        return sound(0.5)(instruction)
+
+    config = RunConfig.from_mapping({**tiny_config.to_flat(), "num-server-rounds": 1, "min-train-clients": 2})
+    run_dir = RunDirectory.create(config)
+    run_federation(ScriptedGrid({1: recording, 2: recording}), run_dir)
+    assert len(sent) == 2
+    for proposal in sent:
+        assert set(proposal) == {*ClientRunConfig.keys(), RUN_KEY, SERVER_ROUND}
+        assert not {"min-train-clients", "secagg-quantization-range", "central-noise-multiplier", "output-dir"} & set(proposal)
+        run, _ = read_proposal(proposal, flower_run_id=1)
+        assert run == run_dir.config.for_clients()

@@ -8,7 +8,7 @@ import pytest
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from simulations.plan import plan
+from common.privacy.forecast import forecast
 from simulations.presets import load_preset
 
 
@@ -21,7 +21,7 @@ def accountant_epsilon(name, sigma, rate, steps, delta):
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_plan_matches_an_independent_accountant(accountant):
     config = load_preset("mnist-eps2", [f"accountant={accountant}", "local-epochs=3", "batch-size=600"])
-    (group,) = plan(config)  # 10 IID shards of 6000: one group
+    (group,) = forecast(config)  # 10 IID shards of 6000: one group
     assert group.partition_ids == list(range(10)) and group.shard_size == 6000
     assert group.sample_rate == pytest.approx(600 / 6000)
     assert group.steps_per_round == 3 * 10
@@ -35,25 +35,25 @@ def test_plan_matches_an_independent_accountant(accountant):
 
 
 def test_plan_groups_unequal_dirichlet_shards():
-    groups = plan(load_preset("mnist-eps2", ["partitioner=dirichlet", "dirichlet-alpha=0.3"]))
+    groups = forecast(load_preset("mnist-eps2", ["partitioner=dirichlet", "dirichlet-alpha=0.3"]))
     assert sum(len(g.partition_ids) for g in groups) == 10
     assert sum(g.shard_size * len(g.partition_ids) for g in groups) == 60_000
     assert all(g.epsilon_by_round[-1] <= 2.0 for g in groups)
 
 
 def test_plan_warns_when_a_fixed_noise_overspends_the_budget():
-    (group,) = plan(load_preset("mnist-eps2", ["noise-multiplier=1.0", "num-server-rounds=3"]))
+    (group,) = forecast(load_preset("mnist-eps2", ["noise-multiplier=1.0", "num-server-rounds=3"]))
     assert group.noise_multiplier == 1.0
     assert any("exhausted after round 0" in w for w in group.warnings)
 
 
 def test_plan_warns_when_noise_drowns_the_signal():
-    (group,) = plan(load_preset("smoke", ["target-epsilon=0.05", "batch-size=10", "num-server-rounds=20"]))
+    (group,) = forecast(load_preset("smoke", ["target-epsilon=0.05", "batch-size=10", "num-server-rounds=20"]))
     assert any("learning is unlikely" in w for w in group.warnings)
 
 
 def test_plan_labels_non_private_runs():
-    (group,) = plan(load_preset("smoke", ["target-epsilon=inf"]))
+    (group,) = forecast(load_preset("smoke", ["target-epsilon=inf"]))
     assert group.noise_multiplier == 0.0
     assert all(math.isinf(e) for e in group.epsilon_by_round)
 
@@ -68,12 +68,12 @@ def test_plan_command_prints_the_table():
 
 
 def test_plan_start_up_loads_only_what_planning_needs():
-    # `dpfl plan` must stay under 3 s (issue #6): the CLI loads no heavy library before the
-    # command runs (so plan_cli's garbage-collector pause covers torch and Opacus), and
+    # `dpfl plan` must start quickly: the CLI loads no heavy library before the
+    # command runs (so simulations.cli.plan's garbage-collector pause covers torch and Opacus), and
     # planning never loads Flower.
     probe = (
         "import sys, simulations.cli; early = {'torch', 'opacus', 'flwr'} & set(sys.modules); "
-        "import simulations.plan; print(sorted(early), 'flwr' in sys.modules)"
+        "import common.privacy.forecast; print(sorted(early), 'flwr' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

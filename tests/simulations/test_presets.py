@@ -7,7 +7,7 @@ import pytest
 from simulations.engine import simulate
 from simulations.presets import load_preset
 
-# Issue #4's floor for the default run: at least 96.5% test accuracy with every client at epsilon <= 2
+# The floor for the default run: at least 96.5% test accuracy with every client at epsilon <= 2
 # (measured 97.92-97.94% through Flower and 97.85% in-process; the goal is 98%).
 ACCURACY_FLOOR = 0.965
 

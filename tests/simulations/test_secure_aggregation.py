@@ -44,7 +44,8 @@ def capture_update(msg: Message, context: Context, call_next: ClientAppCallable)
     """Sits between `secaggplus_mod` and the handler: saves the update before it is masked."""
     reply = call_next(msg, context)
     fit_res = compat.recorddict_to_fitres(reply.content, keep_input=True)
-    out = Path(str(msg.content.config_records["fitins.config"]["output-dir"])) / CAPTURE_DIR
+    # Clients are sent no output-dir; in a simulation the run's ledger directory is inside the run's.
+    out = Path(str(msg.content.config_records["fitins.config"]["ledger-dir"])).parent / CAPTURE_DIR
     out.mkdir(parents=True, exist_ok=True)
     np.savez(
         out / f"round-{msg.metadata.group_id}-node-{context.node_id}.npz",
@@ -72,10 +73,10 @@ def instrumented_app(*outer_mods) -> ClientApp:
     return app
 
 
-def sent_updates(run_config: RunConfig, server_round: int) -> dict[int, tuple[list[np.ndarray], int]]:
+def sent_updates(run_dir: Path, server_round: int) -> dict[int, tuple[list[np.ndarray], int]]:
     """What each client handed to SecAgg+ in a round: node -> (parameters, num_examples)."""
     updates = {}
-    for path in (Path(run_config.output_dir) / CAPTURE_DIR).glob(f"round-{server_round}-node-*.npz"):
+    for path in (run_dir / CAPTURE_DIR).glob(f"round-{server_round}-node-*.npz"):
         with np.load(path) as saved:
             arrays = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
             updates[int(path.stem.rsplit("-", 1)[1])] = (arrays, int(saved["num_examples"]))
@@ -140,7 +141,7 @@ def test_server_receives_only_the_aggregate_of_the_clients_updates(
     summary = simulate(config, client_app=instrumented_app())
 
     ((server_round, received, failures),) = record_aggregate_fit
-    sent = sent_updates(config, server_round)
+    sent = sent_updates(Path(summary["run-dir"]), server_round)
     assert failures == 0 and len(received) == len(sent) == 3
     assert {node for node, *_ in received} == set(sent)
     aggregate = received[0][1]
@@ -173,7 +174,7 @@ def test_round_completes_when_a_client_drops_after_sharing_keys(
     summary = simulate(config, client_app=instrumented_app(drop_partition_zero_after_sharing_keys))
 
     ((_, received, failures),) = record_aggregate_fit
-    sent = sent_updates(config, 1)
+    sent = sent_updates(Path(summary["run-dir"]), 1)
     assert failures > 0  # Flower 1.41 lists a client that fails while masking twice
     assert len(received) == len(sent) == 2 and {node for node, *_ in received} == set(sent)
     # The dropped client's pairwise masks were rebuilt from its shares and removed.

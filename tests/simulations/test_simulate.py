@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -15,7 +16,7 @@ from common.config import TRAIN_SET_SIZE
 from common.data import load_mnist
 from common.evaluation import evaluate
 from common.model import build_model
-from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch
+from common.privacy.planning import plan_noise_multiplier
 from server.plots import LABELS_PLOT
 from server.results import CONFIG_FILE, MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE
 from simulations.engine import simulate
@@ -33,8 +34,8 @@ def read_rounds(run_dir: Path) -> list[dict[str, float]]:
 
 def expected_epsilon(config, rounds_done: int) -> float:
     shard = config.total_train_examples() // config.federation.num_clients
-    steps = config.training.local_epochs * steps_per_epoch(shard, config.training.batch_size)
-    rate = sample_rate(shard, config.training.batch_size)
+    batches = math.ceil(shard / config.training.batch_size)  # Opacus: 1 / rate batches an epoch
+    steps, rate = config.training.local_epochs * batches, 1 / batches
     sigma = plan_noise_multiplier(
         config.privacy.target_epsilon,
         config.privacy.target_delta,

@@ -17,10 +17,10 @@ from torchvision.datasets import MNIST
 
 from common.data import load_mnist
 from common.errors import DpflError
+from common.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model, load_image, load_torchscript
 from common.model import build_model
-from server.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model, load_image, load_torchscript
 from server.results import CONFIG_FILE, MODEL_FILE
-from simulations.model_cli import add_commands
+from simulations.cli import export, predict
 
 TRAIN_IMAGES, STEPS, BATCH = 4000, 300, 64  # ~96% test accuracy in about two seconds
 PREDICTION = re.compile(r"^(?P<path>.+): digit (?P<digit>\d) \(p=(?P<p>[01]\.\d{3})\)$")
@@ -28,7 +28,9 @@ PREDICTION = re.compile(r"^(?P<path>.+): digit (?P<digit>\d) \(p=(?P<p>[01]\.\d{
 
 def run_cli(*argv: object) -> int:
     parser = argparse.ArgumentParser(prog="dpfl")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    export.register(commands)
+    predict.register(commands)
     args = parser.parse_args([str(arg) for arg in argv])
     return args.handler(args)
 

@@ -1,7 +1,7 @@
-"""`dpfl plan`'s figures: what a config will cost in privacy, per client, before any training.
+"""What a config will cost in privacy, per client, before any training (`dpfl plan`'s figures).
 
-The figures come from the client's own planning code (`common.privacy.plan_noise`), so the
-plan is what clients with fresh records will do, not a second model of it. `simulations.plan_cli` prints them.
+The figures come from the client's own planning code (`plan_noise`), so the forecast is what
+clients with fresh records will do, not a second model of it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir, shard_indices
 from common.model import build_model
-from common.privacy import PrivacyBudget, epsilon_after, plan_noise
+from common.privacy.planning import PrivacyBudget, epsilon_after, plan_noise
 
 #: Warn when the noise added to a step's summed gradient is this many times larger than the
 #: largest signal a full batch can contribute (sigma * sqrt(parameters) / batch size).
@@ -32,7 +32,7 @@ class ClientPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan(config: RunConfig) -> list[ClientPlan]:
+def forecast(config: RunConfig) -> list[ClientPlan]:
     """Per client group: shard, sampling rate, steps, sigma and epsilon after every round."""
     labels = load_labels(resolve_data_dir(config.data.data_dir))
     shards = shard_indices(labels, config.data, config.seed, config.federation.num_clients)

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import DpflError
-from simulations.tls import write_tls_material
+from server.tls import write_tls_material
 
 
 def test_certs_have_the_formats_flower_loads(tmp_path):

@@ -1,6 +1,7 @@
-"""`dpfl export` and `dpfl predict`: take a trained model from a run directory to use.
+"""`dpfl export`: take a trained model from a run directory to self-contained files.
 
-`add_commands` registers both on the `dpfl` parser; the work lives in `server.export`.
+`register` adds the command to the `dpfl` parser; the work lives in `common.export`,
+imported only when the command runs (it loads torch).
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import argparse
 from pathlib import Path
 
 
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `export` and `predict` on the `dpfl` sub-command parser."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Register `export` on the `dpfl` sub-command parser."""
     export = commands.add_parser(
         "export",
         help="export a run's model to TorchScript (and ONNX) and report its size and CPU latency",
@@ -27,21 +27,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     export.set_defaults(handler=_cmd_export)
 
-    predict_cmd = commands.add_parser(
-        "predict", help="classify images of handwritten digits (PNG, JPEG)"
-    )
-    predict_cmd.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="a run directory, its model.pt or a model.torchscript.pt from `dpfl export`",
-    )
-    predict_cmd.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="digit images")
-    predict_cmd.set_defaults(handler=_cmd_predict)
-
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from server.export import LATENCY_RUNS, export_model  # torch and friends: only when used
+    from common.export import LATENCY_RUNS, export_model  # torch and friends: only when used
 
     report = export_model(args.model, args.out)
     rows = [("parameters", f"{report.parameters:,}")]
@@ -53,13 +41,4 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for label, value in rows:
         print(f"  {label:<{width}}  {value:>{value_width}}")
     print(f"  (latency: median of {LATENCY_RUNS} single-image runs on one CPU thread)")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from server.export import load_predictor, predict
-
-    model = load_predictor(args.model)
-    for path, prediction in zip(args.images, predict(model, args.images), strict=True):
-        print(f"{path}: digit {prediction.digit} (p={prediction.probability:.3f})")
     return 0

@@ -4,7 +4,7 @@ The attack (members against non-members) tests replace-one neighbours, so its lo
 set against the replace-one upper bound derived from the run's accounting, not against the
 accountant's add/remove epsilon, which is printed too (`server.audit`, "Like with like").
 
-`add_commands` registers the command on the `dpfl` parser; the work lives in `server.audit`,
+`register` adds the command to the `dpfl` parser; the work lives in `server.audit`,
 imported only when the command runs: it loads torch and Opacus, which would otherwise slow
 every other command's start-up (`dpfl plan` above all).
 """
@@ -31,7 +31,7 @@ READING = (
 )
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     """Register `audit` on the `dpfl` sub-command parser."""
     audit = commands.add_parser(
         "audit",
@@ -68,7 +68,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _rows(report: AuditReport) -> list[tuple[str, str]]:
     """The table's (label, value) pairs, labels padded so the values start in one column."""
-    from common.privacy import describe_epsilon
+    from common.privacy.accounting import describe_epsilon
     from server.audit import CONFIDENCE
 
     rows = [("attack AUC", f"{report.auc:.3f}")]

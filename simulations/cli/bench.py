@@ -1,6 +1,6 @@
 """`dpfl bench`: the utility and speed figures of a preset, measured, printed and saved as JSON.
 
-`add_commands` registers the command on the `dpfl` parser; the measurements live in
+`register` adds the command to the `dpfl` parser; the measurements live in
 `simulations.bench`, imported only when the command runs: it loads torch and Flower, which
 every other command (`dpfl plan` above all) would otherwise pay for at start-up.
 """
@@ -71,7 +71,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     """Register `dpfl bench` on the `dpfl` parser."""
     cmd = commands.add_parser("bench", help="measure accuracy, run time, DP and Flower overheads against the targets")
     add_config_arguments(cmd)

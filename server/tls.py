@@ -1,6 +1,8 @@
 """TLS material for a real deployment: a CA, the SuperLink's certificate, SuperNode keys.
 
-`dpfl certs OUT_DIR --host superlink.example.org --host 203.0.113.7 --supernodes 2` writes:
+`write_tls_material` writes them; the server operator runs it as `dpfl certs`
+(`simulations.cli.certs`). `dpfl certs OUT_DIR --host superlink.example.org --host 203.0.113.7
+--supernodes 2` writes:
 
 | file | who needs it |
 | --- | --- |
@@ -22,10 +24,8 @@ are ECDSA P-384 in OpenSSH format (`flower-supernode` loads the private key with
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -39,8 +39,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import DpflError
 from common.storage import atomic_write
-
-log = logging.getLogger(__name__)
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -246,52 +244,3 @@ def write_tls_material(
         _write_public(out / public_name, public)
         written += [out / private_name, out / public_name]
     return written
-
-
-def _cmd_certs(args: argparse.Namespace) -> int:
-    written = write_tls_material(args.out_dir, args.host, args.supernodes, args.days)
-    out = Path(args.out_dir)
-    for path in written:
-        log.info("wrote %s", path)
-    if args.host:
-        names = ", ".join(str(name.value) for name in subject_alt_names(args.host))
-        log.info("SuperLink certificate valid for: %s", names)
-        log.info("keep %s offline; copy %s to every client machine", out / CA_KEY, out / CA_CERT)
-    if args.supernodes:
-        log.info(
-            "give each client machine only its own supernode-<i>.key; register each "
-            "supernode-<i>.pub with `flwr supernode register <file> <connection>`"
-        )
-    return 0
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `dpfl certs` on the `dpfl` command's subparsers."""
-    certs = commands.add_parser(
-        "certs",
-        help="create TLS certificates and SuperNode keys for a real deployment",
-        description=(
-            "Create a CA, a SuperLink TLS certificate for the given host names / IP "
-            "addresses (plus localhost), and SuperNode authentication key pairs."
-        ),
-    )
-    certs.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the files into")
-    certs.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        metavar="NAME_OR_IP",
-        help="a DNS name or IP address clients use to reach the SuperLink (repeatable); "
-        "without --host no CA or SuperLink certificate is made",
-    )
-    certs.add_argument(
-        "--supernodes",
-        type=int,
-        default=0,
-        metavar="N",
-        help="number of SuperNode key pairs to create (supernode-0 ... supernode-N-1)",
-    )
-    certs.add_argument(
-        "--days", type=int, default=825, help="validity of the SuperLink certificate in days"
-    )
-    certs.set_defaults(handler=_cmd_certs)

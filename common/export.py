@@ -34,14 +34,14 @@ from common.config import RunConfig, load_toml
 from common.data import MEAN, STD
 from common.errors import DpflError
 from common.model import build_model, split
-from server.results import CONFIG_FILE, MODEL_FILE
+from common.storage import CONFIG_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 IMAGE_SIZE = 28
-DEFAULT_MODEL = "cnn"
+LEGACY_MODEL = "cnn"
 LATENCY_RUNS = 200
 WARMUP_RUNS = 20
 
@@ -104,10 +104,12 @@ def load_model(source: Path) -> nn.Module:
 
 
 def _architecture(config_file: Path) -> str:
-    """The `model` of a run's config.toml; runs saved without one used the default CNN."""
+    """The `model` of a run's config.toml; runs saved before the key existed all trained the CNN."""
     if not config_file.is_file():
-        return DEFAULT_MODEL
-    return RunConfig.from_mapping(load_toml(config_file)).training.model
+        return LEGACY_MODEL
+    values = load_toml(config_file)
+    values.setdefault("model", LEGACY_MODEL)
+    return RunConfig.from_mapping(values).training.model
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """`dpfl plan`: print each client group's noise and epsilon per round, without training.
 
-`add_commands` registers the command on the `dpfl` parser; the figures come from
-`simulations.plan`, imported only when the command runs, with the garbage collector paused
+`register` adds the command to the `dpfl` parser; the figures come from
+`common.privacy.forecast`, imported only when the command runs, with the garbage collector paused
 (see `_cmd_plan`). The whole `dpfl plan` process should be quick, and most of its time is
 start-up: importing torch and Opacus, which Opacus' accountants need.
 """
@@ -37,8 +37,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _print_plan(args: argparse.Namespace) -> int:
-    from common.privacy import describe_epsilon
-    from simulations.plan import plan
+    from common.privacy.accounting import describe_epsilon
+    from common.privacy.forecast import forecast
 
     config = load_preset(args.preset, args.set)
     privacy = config.privacy
@@ -49,7 +49,7 @@ def _print_plan(args: argparse.Namespace) -> int:
         f"accountant {privacy.accountant}"
     )
     print(f"{'clients':>9} {'shard':>6} {'rate':>8} {'steps/round':>11} {'sigma':>8}  epsilon after each round")
-    for group in plan(config):
+    for group in forecast(config):
         epsilons = " ".join(describe_epsilon(e).split()[0] for e in group.epsilon_by_round)
         print(
             f"{_ids(group.partition_ids):>9} {group.shard_size:>6} {group.sample_rate:>8.4f} "
@@ -60,7 +60,7 @@ def _print_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     """Register `dpfl plan` on the `dpfl` parser."""
     cmd = commands.add_parser("plan", help="show each client's noise and epsilon per round, without training")
     add_config_arguments(cmd)

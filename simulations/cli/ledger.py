@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     """Register `ledger show|budget|reset` on the `dpfl` sub-command parser."""
     ledger = commands.add_parser("ledger", help="show a privacy ledger, or change its budget (data owner only)")
     actions = ledger.add_subparsers(dest="action", required=True)
@@ -47,7 +47,7 @@ def _delta(text: str) -> float:
 
 def _cmd_change(args: argparse.Namespace) -> int:
     from client.ledger import LedgerFile, set_budget
-    from common.privacy import PrivacyBudget
+    from common.privacy.planning import PrivacyBudget
 
     budget = PrivacyBudget(args.epsilon, args.delta)
     ledger = set_budget(args.directory, budget) if args.action == "budget" else LedgerFile(args.directory).reset(budget)
@@ -58,7 +58,7 @@ def _cmd_change(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from client.ledger import read_ledger
-    from common.privacy import describe_epsilon, history_epsilon
+    from common.privacy.accounting import describe_epsilon, history_epsilon
 
     ledger = read_ledger(args.directory)
     budget = ledger.budget

@@ -1,0 +1,133 @@
+"""Rules across keys: what no single key's range can say (a delta too large for the shards, a
+SecAgg+ sum that would wrap around its modulus, noise that contradicts a non-private run)."""
+
+from __future__ import annotations
+
+import math
+
+from common.config.sections import (
+    SECAGG_MODULUS,
+    TRAIN_SET_SIZE,
+    CentralConfig,
+    DataConfig,
+    FederationConfig,
+    PrivacyConfig,
+    SecureAggregationConfig,
+)
+from common.errors import ConfigError
+
+
+def total_train_examples(data: DataConfig) -> int:
+    """How many training images are split among the clients (held-out validation excluded)."""
+    return data.train_subset or (TRAIN_SET_SIZE - data.validation_size)
+
+
+def clients_per_round(federation: FederationConfig) -> int:
+    """How many clients the server samples each round (Flower's FedAvg rule)."""
+    return max(1, math.floor(federation.fraction_train * federation.num_clients))
+
+
+def check_privacy(privacy: PrivacyConfig) -> None:
+    """The privacy section on its own: what a client checks of a server's proposal."""
+    if privacy.noise_multiplier > 0 and math.isinf(privacy.target_epsilon):
+        raise ConfigError(
+            f"noise-multiplier = {privacy.noise_multiplier:g} contradicts target-epsilon = inf "
+            "(non-private training); set one or the other"
+        )
+    if privacy.noise_multiplier > 0 and privacy.dp_mode == "central":
+        raise ConfigError(
+            f"noise-multiplier = {privacy.noise_multiplier:g} does not apply with dp-mode = "
+            "central (the server adds the noise: set central-noise-multiplier); set it to 0"
+        )
+
+
+def check_run(
+    federation: FederationConfig,
+    data: DataConfig,
+    privacy: PrivacyConfig,
+    central: CentralConfig,
+    secagg: SecureAggregationConfig,
+) -> None:
+    """Every rule across the keys of a whole run config."""
+    examples = total_train_examples(data)
+    clients = federation.num_clients
+    left = TRAIN_SET_SIZE - data.validation_size
+    if left < max(data.train_subset, 1):
+        raise ConfigError(
+            f"validation-size = {data.validation_size} is invalid: it leaves {left} of the "
+            f"{TRAIN_SET_SIZE} training images to train on"
+            + (f", fewer than train-subset = {data.train_subset}" if data.train_subset else "")
+            + "; lower it"
+        )
+    if federation.min_train_clients > clients:
+        raise ConfigError(
+            f"min-train-clients = {federation.min_train_clients} is invalid: more than "
+            f"num-clients = {clients}; no round could ever be aggregated"
+        )
+    if clients > examples:
+        raise ConfigError(
+            f"num-clients = {clients} is invalid: more clients than "
+            f"training samples ({examples}); lower num-clients or raise train-subset"
+        )
+    check_privacy(privacy)
+    if privacy.dp_mode == "central":
+        _check_central(privacy, central, clients)
+    else:
+        check_delta(privacy.target_delta, examples // clients)
+    _check_secure_aggregation(federation, privacy, secagg)
+
+
+def _check_central(privacy: PrivacyConfig, central: CentralConfig, clients: int) -> None:
+    """Central DP protects whole clients: delta and noise are judged per client."""
+    if central.central_noise_multiplier == 0 and math.isfinite(privacy.target_epsilon):
+        raise ConfigError(
+            f"central-noise-multiplier = 0 releases client updates without noise, which no "
+            f"target-epsilon = {privacy.target_epsilon:g} allows; raise it, or set "
+            "target-epsilon = inf to train without privacy"
+        )
+    if privacy.target_delta >= 1 / clients:
+        raise ConfigError(
+            f"target-delta = {privacy.target_delta:g} is invalid with dp-mode = central: it must "
+            f"be below 1/num-clients = {1 / clients:.3g}, or a run could publish a whole "
+            "client's update in the clear and still meet it; lower target-delta"
+        )
+
+
+def _check_secure_aggregation(
+    federation: FederationConfig, privacy: PrivacyConfig, secagg: SecureAggregationConfig
+) -> None:
+    """SecAgg+ needs two clients to hide one among, and a masked sum that cannot wrap around."""
+    if not secagg.secure_aggregation:
+        return
+    if privacy.dp_mode == "central":
+        raise ConfigError(
+            "secure-aggregation = true cannot be combined with dp-mode = central: Flower's "
+            "central-DP wrappers and SecAgg+ run on different workflows; use dp-mode = local"
+        )
+    sampled = clients_per_round(federation)
+    if sampled < 2:
+        raise ConfigError(
+            f"secure-aggregation = true is invalid with {sampled} client per round (num-clients = "
+            f"{federation.num_clients}, fraction-train = {federation.fraction_train:g}): "
+            "a sum over one client is that client's model; sample at least 2"
+        )
+    levels = secagg.secagg_quantization_range
+    if sampled * levels >= SECAGG_MODULUS:
+        raise ConfigError(
+            f"secagg-quantization-range = {levels} is invalid: the masked sum of {sampled} clients "
+            f"would wrap around the 2**32 modulus; must be at most {(SECAGG_MODULUS - 1) // sampled}"
+        )
+
+
+def check_delta(delta: float, shard_size: int) -> None:
+    """Refuse a delta that lets a mechanism leak a whole example of a shard outright.
+
+    (epsilon, delta)-DP with delta >= 1/n is met by publishing one random example of n in the
+    clear; meaningful guarantees need delta well below 1/n.
+    """
+    if math.isfinite(delta) and shard_size > 0 and delta >= 1 / shard_size:
+        raise ConfigError(
+            f"target-delta = {delta:g} is invalid: it must be below 1/(shard size) = "
+            f"1/{shard_size} = {1 / shard_size:.3g}, or a run could publish a whole example in "
+            "the clear and still meet it; lower target-delta (1e-5 is usual)"
+        )

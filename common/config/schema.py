@@ -1,0 +1,95 @@
+"""The config classes users fill: a run's (`RunConfig`), a client's share of it, and a node's.
+
+`RunConfig` is what a server runs and saves as `config.toml`; `ClientRunConfig` is the part a
+client uses, and all the server sends it, so a client never receives, nor re-checks, the
+server's own settings; `NodeConfig` is what a SuperNode's owner sets and no server can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config.options import FlatConfig, option, section
+from common.config.rules import check_privacy, check_run, total_train_examples
+from common.config.sections import (
+    CentralConfig,
+    DataConfig,
+    FederationConfig,
+    PrivacyConfig,
+    SecureAggregationConfig,
+    TrainingConfig,
+    rounds_option,
+    seed_option,
+)
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ClientRunConfig(FlatConfig):
+    """What a client needs of a run to train and account a round: its data, training and privacy keys."""
+
+    seed: int = seed_option()
+    num_server_rounds: int = rounds_option()
+    data: DataConfig = section(DataConfig)
+    training: TrainingConfig = section(TrainingConfig)
+    privacy: PrivacyConfig = section(PrivacyConfig)
+
+    def check(self) -> None:
+        check_privacy(self.privacy)
+
+
+@dataclass(frozen=True)
+class RunConfig(FlatConfig):
+    """Everything one federated run needs; the resolved form is saved as `config.toml`."""
+
+    name: str = option("mnist-eps2", "run name, used in the run directory's name")
+    output_dir: str = option("outputs", "where run directories are created")
+    seed: int = seed_option()
+    federation: FederationConfig = section(FederationConfig)
+    data: DataConfig = section(DataConfig)
+    training: TrainingConfig = section(TrainingConfig)
+    privacy: PrivacyConfig = section(PrivacyConfig)
+    central: CentralConfig = section(CentralConfig)
+    secagg: SecureAggregationConfig = section(SecureAggregationConfig)
+
+    def check(self) -> None:
+        check_run(self.federation, self.data, self.privacy, self.central, self.secagg)
+
+    def for_clients(self) -> ClientRunConfig:
+        """The part of this run a client uses: what the server sends it each round."""
+        return ClientRunConfig(self.seed, self.federation.num_server_rounds, self.data, self.training, self.privacy)
+
+    def total_train_examples(self) -> int:
+        """How many training images are split among the clients (held-out validation excluded)."""
+        return total_train_examples(self.data)
+
+
+@dataclass(frozen=True)
+class NodeConfig(FlatConfig):
+    """What a client (SuperNode) owns: its shard, its data and its own privacy budget.
+
+    `target-epsilon` / `target-delta` here win over the run config: the server proposes,
+    the client decides how much of its data's privacy it is willing to spend.
+    """
+
+    partition_id: int = option(0, "which shard of the training set this client holds", low=0)
+    num_partitions: int = option(1, "how many shards the training set is cut into", low=1)
+    target_epsilon: float | None = option(
+        None, "this client's own epsilon budget", low=0.0, low_open=True, allow_inf=True
+    )
+    target_delta: float | None = option(
+        None, "this client's own delta", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    data_dir: str = option("", "this client's MNIST directory; empty means the run's")
+    ledger_dir: str = option(
+        "",
+        "directory of this client's privacy ledger, kept across runs; a real client refuses "
+        "to train without one",
+    )
+
+    def check(self) -> None:
+        if self.partition_id >= self.num_partitions:
+            raise ConfigError(
+                f"node config partition-id = {self.partition_id} is invalid: must be below "
+                f"num-partitions = {self.num_partitions}"
+            )
