@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -57,7 +58,15 @@ def run() -> NoReturn:
     still released (and their files flushed); only objects caught in reference cycles are
     left to the operating system, as any exit may leave them. In-process callers use `main`,
     which leaves the collector alone.
+
+    A reader that stops early (`dpfl config | head`) closes the pipe: the output it wanted is
+    out, so that ends the command quietly, as for any Unix tool.
     """
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        code = 0
     gc.freeze()
     sys.exit(code)

@@ -1,6 +1,8 @@
 """`dpfl config`: the resolved config, and the generated app config and reference kept current."""
 
 import shutil
+import subprocess
+import sys
 import tomllib
 
 from common.config import RunConfig
@@ -33,3 +35,14 @@ def test_check_and_write_keep_the_generated_files_equal_to_the_schema(tmp_path, 
 def test_a_checkout_without_the_files_is_a_one_line_error(tmp_path, capsys):
     assert dpfl(["config", "--check", "--root", str(tmp_path)]) == 2
     assert "run this from the dpfl source checkout" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_it_quietly():
+    """`dpfl config | head -1`: the closed pipe is the reader's choice, not an error with a traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # before the interpreter has even started: every write hits a closed pipe
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
+    process.stderr.close()
