@@ -77,6 +77,8 @@ def test_smoke_simulation_trains_accounts_and_writes_results(tmp_path, data_dir)
     assert accuracy == pytest.approx(rows[-1]["test-accuracy"])  # the checkpoint is the final model
 
 
+# Two whole simulations; the refusal itself is checked fast in tests/client/test_ledger.py.
+@pytest.mark.slow
 def test_second_run_on_spent_ledgers_is_refused_and_ends_cleanly(tmp_path):
     overrides = [f"output-dir={tmp_path}", f"ledger-dir={tmp_path / 'ledgers'}", "num-server-rounds=1"]
     first = simulate(load_preset("smoke", overrides))

@@ -15,6 +15,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # several whole simulations
 def test_sweep_appends_rows_resumes_and_plots(tmp_path):
     csv_path = sweep("smoke", [1.0], 1, TINY, tmp_path)
     assert [r["target-epsilon"] for r in rows(csv_path)] == ["1.0"]
