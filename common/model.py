@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from common.scattering import Scattering2D
+
 
 class MnistCNN(nn.Module):
     """The small CNN of the DP-SGD MNIST literature: two strided convs and two linear layers."""
@@ -41,28 +43,34 @@ class MnistCNN(nn.Module):
 
 
 @functools.cache
-def _scattering() -> nn.Module:
+def _kymatio_scattering() -> nn.Module:
     # The 2D frontend is imported directly: `kymatio.torch` also loads the 3D transforms,
     # which need `scipy.special.sph_harm`, gone from current SciPy.
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
-    return ScatteringTorch2D(J=2, shape=(28, 28), L=8)
+    return ScatteringTorch2D(J=SCATTERING_J, shape=(28, 28), L=SCATTERING_L)
+
+
+SCATTERING_J, SCATTERING_L = 2, 8
 
 
 class ScatterNet(nn.Module):
     """Fixed ScatterNet features and a trained linear classifier (Tramèr & Boneh, ICLR 2021).
 
-    A wavelet scattering transform (kymatio; J = 2, L = 8: 81 channels of 7 x 7) has no
-    parameters and needs no data, so it costs no privacy; only a GroupNorm'd linear layer
-    (39,700 weights) is trained. Under DP-SGD that wins twice: hand-crafted features beat
-    what a small CNN learns from noisy gradients, and per-sample gradients of one linear
-    layer are cheap. The transform is kept out of the module tree, hence out of
-    `state_dict`, the wire and Opacus: every party builds the same fixed filters. Training
-    computes a shard's features once (`fixed_input`) and trains `head` on them.
+    A wavelet scattering transform (J = 2, L = 8: 81 channels of 7 x 7) has no parameters
+    and needs no data, so it costs no privacy; only a GroupNorm'd linear layer (39,700
+    weights) is trained. Under DP-SGD that wins twice: hand-crafted features beat what a
+    small CNN learns from noisy gradients, and per-sample gradients of one linear layer are
+    cheap. The transform's filters are outside `state_dict`, hence off the wire and out of
+    Opacus' way: every party builds the same fixed filters. Training computes a shard's
+    features once with kymatio's FFTs (`fixed_input`, the faster way over a data set) and
+    trains `head` on them; `forward` runs the same transform as plain convolutions
+    (`common.scattering`), so the whole model exports to TorchScript and ONNX.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.scattering = Scattering2D((28, 28), J=SCATTERING_J, L=SCATTERING_L)
         self.head = nn.Sequential(
             nn.GroupNorm(27, 81, affine=False), nn.Flatten(), nn.Linear(81 * 7 * 7, 10)
         )
@@ -70,18 +78,18 @@ class ScatterNet(nn.Module):
     @staticmethod
     @torch.no_grad()
     def fixed_input(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """The scattering features of `images` (N, 1, 28, 28) -> (N, 81, 7, 7).
+        """The scattering features of `images` (N, 1, 28, 28) -> (N, 81, 7, 7), by kymatio.
 
         In batches: the transform's complex intermediates take about 100x the input, so a
         batch of 2000 images peaks near 0.5 GB in every process that computes features.
         """
-        scattering = _scattering()
+        scattering = _kymatio_scattering()
         return torch.cat(
             [scattering(images[i : i + batch_size]).flatten(1, 2) for i in range(0, len(images), batch_size)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fixed_input(x))
+        return self.head(self.scattering(x))
 
 
 MODELS: dict[str, type[nn.Module]] = {"cnn": MnistCNN, "scatnet": ScatterNet}

@@ -9,6 +9,7 @@ from pathlib import Path
 # The run directory's file names, written by the server and read by export.
 CONFIG_FILE = "config.toml"
 MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -28,12 +28,11 @@ import torch
 from common.config import RunConfig, load_toml
 from common.errors import DpflError
 from common.model import build_model
-from common.storage import CONFIG_FILE, MODEL_FILE, atomic_write
+from common.storage import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE, atomic_write
 
 log = logging.getLogger(__name__)
 
 ROUNDS_FILE = "rounds.csv"
-SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGERS_DIR = "ledgers"
 

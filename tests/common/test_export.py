@@ -3,6 +3,8 @@
 import argparse
 import contextlib
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,13 +15,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import tomli_w
 from torchvision.datasets import MNIST
 
+from common.config import RunConfig
 from common.data import load_mnist
 from common.errors import DpflError
-from common.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model, load_image, load_torchscript
-from common.model import build_model
-from server.results import CONFIG_FILE, MODEL_FILE
+from common.export import (
+    INT8_ACCURACY_TOLERANCE,
+    INT8_ONNX_FILE,
+    MODEL_CARD_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    export_model,
+    load_image,
+    load_model,
+    load_predictor,
+    load_torchscript,
+)
+from common.model import ScatterNet, build_model
+from common.storage import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from simulations.cli import export, predict
 
 TRAIN_IMAGES, STEPS, BATCH = 4000, 300, 64  # ~96% test accuracy in about two seconds
@@ -212,10 +227,115 @@ def test_export_refuses_a_torchscript_file(trained, export_output):
         run_cli("export", trained[0] / TORCHSCRIPT_FILE)
 
 
-def test_export_explains_why_a_scatnet_model_cannot_be_compiled(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text('model = "scatnet"\n')
-    torch.save(build_model("scatnet").state_dict(), run / "model.pt")
-    with pytest.raises(DpflError, match="neither TorchScript nor ONNX can capture; serve model.pt with `dpfl predict`"):
-        export_model(run)
+@pytest.fixture(scope="module")
+def scatnet_run(data_dir, tmp_path_factory):
+    """A run directory holding a ScatterNet whose head was briefly trained, as a finished run leaves it."""
+    images, labels = (t[:TRAIN_IMAGES] for t in load_mnist(data_dir, train=True).tensors)
+    model = build_model("scatnet", seed=0)
+    features = ScatterNet.fixed_input(images)
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(STEPS // 3):
+        index = torch.randint(0, TRAIN_IMAGES, (BATCH,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model.head(features[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    run_dir = tmp_path_factory.mktemp("scatnet-run")
+    torch.save(model.state_dict(), run_dir / MODEL_FILE)
+    config = RunConfig.from_mapping({"name": "card", "num-clients": 4, "data-dir": str(data_dir)})
+    (run_dir / CONFIG_FILE).write_text(tomli_w.dumps(config.to_flat()))
+    summary = {"rounds-completed": 10, "test-accuracy": 0.9731, "dp-mode": "local", "privacy-unit": "example", "epsilon": 1.9924, "delta": 1e-5}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert run_cli("export", run_dir) == 0
+    return run_dir, model.eval(), out.getvalue()
+
+
+def test_the_default_model_exports_whole_and_its_exports_agree(scatnet_run, test_set):
+    """ScatterNet, fixed front-end included: TorchScript and onnxruntime give PyTorch's predictions."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run_dir, model, output = scatnet_run
+    assert re.search(r"parameters\s+39,700\n", output) and "latency onnxruntime" in output
+    images, labels = (t[:1000] for t in test_set)
+    expected = batched_logits(model, images, batch_size=250)
+    assert (expected.argmax(1) == labels).float().mean() > 0.9
+    scripted = batched_logits(load_torchscript(run_dir / TORCHSCRIPT_FILE), images, batch_size=250)
+    session = onnxruntime.InferenceSession(str(run_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    onnx = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    for actual in (scripted, onnx):
+        assert torch.equal(actual.argmax(1), expected.argmax(1))
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_card_says_what_the_model_is_and_its_loading_lines_work(scatnet_run, test_set):
+    run_dir, model, _ = scatnet_run
+    card = (run_dir / MODEL_CARD_FILE).read_text()
+    for fact in ("ScatterNet, 39,700 trained parameters", "60,000 MNIST training images, split into 4 client shards (iid)",
+                 "(ε = 1.992, δ = 1e-05)-differential privacy per example", "accountant prv", "97.31 %", "(N, 1, 28, 28)"):
+        assert fact in card, fact
+    # The card's TorchScript lines, run as a user would: without any dpfl code importable.
+    snippet = card.split("```python\n")[1].split("```")[0]
+    script = (
+        "import sys, torch\n"
+        "for package in ('common', 'server', 'client', 'simulations', 'kymatio', 'opacus'):\n"
+        "    sys.modules[package] = None\n"
+        f"images = torch.load({str(run_dir / 'images.pt')!r})\n" + snippet + "print(digits.tolist())\n"
+    )
+    torch.save(test_set[0][:5], run_dir / "images.pt")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=run_dir, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(batched_logits(model, test_set[0][:5]).argmax(1).tolist())
+
+
+def test_predict_serves_the_export_without_kymatio_or_opacus(scatnet_run, digit_images):
+    run_dir, _, _ = scatnet_run
+    script = (
+        "import sys\n"
+        "sys.modules['kymatio'] = sys.modules['opacus'] = None  # importing either now fails\n"
+        "from simulations.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    images = [str(path) for path, _, _ in digit_images]
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script, "predict", str(run_dir), *images], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    digits = [int(PREDICTION.match(line)["digit"]) for line in result.stdout.splitlines()]
+    assert digits == [label for _, label, _ in digit_images]
+
+
+def test_predict_ignores_an_export_older_than_the_model(scatnet_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(scatnet_run[0], run_dir)
+    assert isinstance(load_predictor(run_dir), torch.jit.ScriptModule)
+    (run_dir / MODEL_FILE).touch()  # trained on after the export (a resumed run)
+    export = run_dir / TORCHSCRIPT_FILE
+    os.utime(export, (export.stat().st_atime, (run_dir / MODEL_FILE).stat().st_mtime - 10))
+    assert isinstance(load_predictor(run_dir), ScatterNet)
+
+
+@pytest.mark.slow
+def test_a_trained_scatnet_run_exports_with_its_int8_variant_and_serves(tmp_path, test_set):
+    """A real (smoke-sized, DP-trained) ScatterNet run: export with int8, exports agree on the whole test set."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from simulations.engine import simulate
+    from simulations.presets import load_preset
+
+    overrides = [f"output-dir={tmp_path}", "model=scatnet", "learning-rate=16", "max-grad-norm=0.1", "batch-size=250"]
+    summary = simulate(load_preset("smoke", overrides))
+    run_dir = Path(summary["run-dir"])
+    report = export_model(run_dir, int8=True)
+    assert set(report.accuracy) == {"onnxruntime", "onnxruntime int8"}
+    # The server scored half-precision features; the export computes them in float32.
+    assert report.accuracy["onnxruntime"] == pytest.approx(summary["test-accuracy"], abs=2e-3)
+    kept = (run_dir / INT8_ONNX_FILE).is_file()
+    assert kept == (report.accuracy["onnxruntime"] - report.accuracy["onnxruntime int8"] <= INT8_ACCURACY_TOLERANCE)
+    assert any(note.startswith("int8 kept" if kept else "int8 dropped") for note in report.notes)
+
+    images = test_set[0]
+    expected = batched_logits(load_model(run_dir), images, batch_size=1000)
+    scripted = batched_logits(load_torchscript(run_dir / TORCHSCRIPT_FILE), images, batch_size=1000)
+    session = onnxruntime.InferenceSession(str(run_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    onnx = batched_logits(lambda batch: torch.from_numpy(session.run(None, {"image": batch.numpy()})[0]), images, 1000)
+    for actual in (scripted, onnx):
+        assert torch.equal(actual.argmax(1), expected.argmax(1))  # all 10,000 test images
+    assert "per example" in (run_dir / MODEL_CARD_FILE).read_text()

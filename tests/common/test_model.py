@@ -27,7 +27,8 @@ def test_scatnet_trains_only_its_head_on_fixed_features():
     features = transform(images)
     assert features.shape == (4, 81, 7, 7) and not features.requires_grad
     assert torch.equal(features, transform(images))  # fixed: no parameters, no randomness
-    assert torch.allclose(model(images), trainable(features))
+    # `forward` scatters with plain convolutions, training with kymatio: equal to float rounding.
+    assert torch.allclose(model(images), trainable(features), atol=1e-4)
 
 
 def test_fixed_features_are_what_the_trained_module_is_scored_on():
