@@ -68,7 +68,7 @@ def read_fit_instruction(content: RecordDict, flower_run_id: int) -> tuple[Clien
     fit_ins = compat.recorddict_to_fitins(content, keep_input=True)
     run, run_key = read_proposal(fit_ins.config, flower_run_id)
     with torch.device("meta"):
-        names = build_model(run.training.model).state_dict().keys()
+        names = build_model(run.training.model, num_classes=run.training.num_classes).state_dict().keys()
     arrays = parameters_to_ndarrays(fit_ins.parameters)
     if len(arrays) != len(names):
         raise ValueError(f"the server sent {len(arrays)} tensors for a model with {len(names)}")

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from client.ledger import LedgerFile, ledger_directory
 from common.config import ClientRunConfig, NodeConfig, check_delta
-from common.data import client_shard, raw_pixels, resolve_data_dir, tensor_loader
-from common.errors import DataError, DpflError
+from common.data import client_shard, load_dataset, raw_pixels, resolve_data_dir, tensor_loader
+from common.errors import ConfigError, DataError, DpflError
 from common.model import build_model, fixed_features, split
 from common.privacy.accounting import History
 from common.privacy.ledger import LedgerError, PrivacyLedger, dataset_key, record_ids
@@ -82,18 +82,38 @@ def train_round(
     run_key: str,
     simulated: bool = False,
 ) -> RoundOutcome:
-    """Train on this client's shard for one round of run `run_key`, unless the ledger forbids it.
+    """Train on this client's data for one round of run `run_key`, unless the ledger forbids it.
 
-    The ledger lives in the node's `ledger-dir`; in a simulation (`simulated`) the run's may
-    stand in for it. The round is charged to the ledger before training, so an update is never
-    released without having been paid for.
+    The data is the node's own (`dataset` in its node config, used whole) or its partition
+    of the run's. The ledger lives in the node's `ledger-dir`; in a simulation (`simulated`)
+    the run's may stand in for it. Everything that can fail before training (the data, the
+    model, the labels) is checked before the round is charged to the ledger, and the charge
+    comes before training, so an update is never released without having been paid for. A
+    refusal's reason leaves the client: it names no file, class or count.
     """
+    delta = run.privacy.target_delta
     data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     try:
-        shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+        if node.dataset:
+            shard = load_dataset(node.dataset, data_dir)
+        else:
+            shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
     except DataError as err:  # its message names local paths: they stay here
         log.warning("client %d refuses to train: %s", node.partition_id, err)
-        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, "it cannot load its training data (see its log)")
+        return RoundOutcome(None, 0, math.nan, delta, "it cannot load its training data (see its log)")
+    labels, classes = shard.tensors[1], run.training.num_classes
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        log.warning(
+            "client %d refuses to train: its labels run from %d to %d, outside num-classes = %d",
+            node.partition_id, int(labels.min()), int(labels.max()), classes,
+        )
+        return RoundOutcome(None, 0, math.nan, delta, f"its data has labels outside num-classes = {classes}")
+    try:
+        model = build_model(run.training.model, num_classes=classes)
+        model.load_state_dict(global_state)
+    except (ConfigError, RuntimeError) as err:  # a factory that fails here, or a model unlike the server's
+        log.warning("client %d refuses to train: %s", node.partition_id, str(err).splitlines()[0])
+        return RoundOutcome(None, 0, math.nan, delta, "it cannot build the run's model, or the global model does not fit it (see its log)")
     ids = record_ids(raw_pixels(shard.tensors[0]), shard.tensors[1])
     data_key = dataset_key(ids)
     try:
@@ -103,13 +123,11 @@ def train_round(
         )
     except LedgerError as err:
         log.warning("client %d refuses to train: %s", node.partition_id, err)
-        return RoundOutcome(None, 0, math.nan, run.privacy.target_delta, err.reason)
+        return RoundOutcome(None, 0, math.nan, delta, err.reason)
     if isinstance(charge, RoundOutcome):
         log.warning("client %d refuses to train: %s", node.partition_id, charge.refusal)
         return charge
 
-    model = build_model(run.training.model)
-    model.load_state_dict(global_state)
     trainable, inputs = _training_inputs(model, shard, data_key, directory)
     plan = charge.plan
     taken = dp_train(trainable, inputs, plan, run)

@@ -1,10 +1,13 @@
-"""MNIST from a local data directory, as in-memory tensors, cut into client shards.
+"""Data sets as in-memory tensors, cut into client shards: MNIST, or the user's own.
 
-The four raw idx files are read through torchvision's `MNIST` dataset (torchvision layout:
-`<data-dir>/MNIST/raw/*-ubyte`). A shard's images are normalised once into a float
-tensor: DP-SGD touches every example many times, and decoding PIL images per sample would
-dominate a CPU run. Where the files are missing we try torchvision's download once and, if that
-fails, say exactly which files to put where.
+A data source is `mnist` (the four raw idx files, read through torchvision's `MNIST`
+dataset from `<data-dir>/MNIST/raw/*-ubyte`), `folder:PATH` or `npz:PATH` (read by
+`common.sources`). Every source becomes the same thing, (N, 1, 28, 28) uint8 images and
+integer labels, so partitioning, record ids and the privacy ledger treat them alike. A
+shard's images are normalised once into a float tensor: DP-SGD touches every example many
+times, and decoding images per sample would dominate a CPU run. Where the MNIST files are
+missing we try torchvision's download once and, if that fails, say exactly which files to
+put where.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import DataConfig
+from common.config import DataConfig, data_source
+from common.config.rules import FOLDER, MNIST, MNIST_TEST
 from common.errors import DataError
 from common.partition import partition_indices
+from common.sources import load_folder, load_npz
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,25 @@ def _raw_mnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
     return dataset.data.unsqueeze(1), dataset.targets
 
 
+@functools.lru_cache(maxsize=4)
+def raw_dataset(source: str, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data source's (N, 1, 28, 28) uint8 images and labels: `mnist` (the training set),
+    `mnist-test`, `folder:PATH` or `npz:PATH`. Cached per process, like `_raw_mnist`."""
+    kind, path = data_source(source, "dataset", also=(MNIST, MNIST_TEST))
+    if path is None:
+        return _raw_mnist(data_dir, train=kind == MNIST)
+    if kind == FOLDER:
+        images, labels, _ = load_folder(path)
+        return images, labels
+    return load_npz(path)
+
+
+def load_dataset(source: str, data_dir: Path) -> TensorDataset:
+    """A whole data source, normalised: a real client's own data, or the server's evaluation set."""
+    images, labels = raw_dataset(source, data_dir)
+    return TensorDataset(_normalised(images), labels.clone())
+
+
 def _normalised(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0).sub_(MEAN).div_(STD)
 
@@ -144,11 +168,13 @@ def tensor_loader(
     )
 
 
-def load_labels(data_dir: Path, train: bool = True) -> torch.Tensor:
-    """Only the labels, straight from the checked idx file: all that partitioning needs."""
+def load_labels(source: str, data_dir: Path) -> torch.Tensor:
+    """Only the training labels, all that partitioning needs: for MNIST straight from the
+    checked idx file, without decoding the images."""
+    if source != MNIST:
+        return raw_dataset(source, data_dir)[1]
     ensure_mnist(data_dir)
-    name = "train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte"
-    raw = (data_dir / "MNIST" / "raw" / name).read_bytes()
+    raw = (data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte").read_bytes()
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64))
 
 
@@ -156,7 +182,7 @@ def client_shard(
     config: DataConfig, seed: int, partition_id: int, num_partitions: int, data_dir: Path
 ) -> TensorDataset:
     """The training shard of one client: disjoint from every other client's for the same seed."""
-    images, labels = _raw_mnist(data_dir, train=True)
+    images, labels = raw_dataset(config.dataset, data_dir)
     index = torch.from_numpy(shard_indices(labels, config, seed, num_partitions)[partition_id])
     return TensorDataset(_normalised(images[index]), labels[index])
 
@@ -168,9 +194,24 @@ def shard_indices(
     rng = np.random.default_rng(seed)
     pool = np.arange(len(labels))
     if config.validation_size:
+        if config.validation_size >= len(labels):
+            raise DataError(
+                f"validation-size = {config.validation_size} leaves none of the data set's "
+                f"{len(labels)} images to train on; lower it"
+            )
         pool = np.setdiff1d(pool, validation_indices(len(labels), config))
     if config.train_subset:
+        if config.train_subset > len(pool):
+            raise DataError(
+                f"train-subset = {config.train_subset} is more than the data set's {len(pool)} "
+                "training images; lower it (0 = all)"
+            )
         pool = np.sort(rng.permutation(pool)[: config.train_subset])
+    if num_partitions > len(pool):
+        raise DataError(
+            f"{num_partitions} clients cannot share the data set's {len(pool)} training images; "
+            "lower num-clients"
+        )
     parts = partition_indices(
         labels.numpy()[pool], num_partitions, config.partitioner, config.dirichlet_alpha, rng
     )
@@ -188,6 +229,6 @@ def validation_indices(num_examples: int, config: DataConfig) -> np.ndarray:
 
 def load_validation(config: DataConfig, data_dir: Path) -> TensorDataset:
     """The held-out validation images: what hyper-parameter search may look at instead of the test set."""
-    images, labels = _raw_mnist(data_dir, train=True)
+    images, labels = raw_dataset(config.dataset, data_dir)
     index = torch.from_numpy(validation_indices(len(labels), config))
     return TensorDataset(_normalised(images[index]), labels[index])

@@ -35,7 +35,8 @@ from PIL import Image
 from torch import nn
 
 from common.config import RunConfig, load_toml
-from common.data import MEAN, STD, load_mnist, resolve_data_dir
+from common.config.rules import NO_EVALUATION
+from common.data import MEAN, STD, load_dataset, resolve_data_dir
 from common.errors import DpflError
 from common.model import build_model
 from common.storage import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
@@ -103,8 +104,9 @@ def load_model(source: Path) -> nn.Module:
         raise DpflError(
             f"{path} is already a TorchScript export; export from the run's {MODEL_FILE}"
         )
-    name = _architecture(path.parent / CONFIG_FILE)
-    model = build_model(name)
+    training = _run_config(path.parent).training
+    name = training.model
+    model = build_model(name, num_classes=training.num_classes)
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:  # unpickling or key/shape mismatch: either way not our checkpoint
@@ -115,13 +117,13 @@ def load_model(source: Path) -> nn.Module:
     return model.eval()
 
 
-def _architecture(config_file: Path) -> str:
-    """The `model` of a run's config.toml; runs saved before the key existed all trained the CNN."""
-    if not config_file.is_file():
-        return LEGACY_MODEL
-    values = load_toml(config_file)
+def _run_config(run_dir: Path) -> RunConfig:
+    """The config of the run a model came from; runs saved before `model` existed (and a bare
+    model file's) trained the CNN."""
+    config_file = run_dir / CONFIG_FILE
+    values = load_toml(config_file) if config_file.is_file() else {}
     values.setdefault("model", LEGACY_MODEL)
-    return RunConfig.from_mapping(values).training.model
+    return RunConfig.from_mapping(values)
 
 
 @contextlib.contextmanager
@@ -185,7 +187,9 @@ def export_model(
         files.append(out / ONNX_FILE)
         if _installed("onnxruntime"):
             runtimes["onnxruntime"] = _onnxruntime_call(out / ONNX_FILE, example)
-            if int8:
+            if int8 and _run_config(path.parent).evaluation.eval_dataset == NO_EVALUATION:
+                notes.append("int8 skipped: the run has no evaluation set (eval-dataset = none) to check its accuracy on")
+            elif int8:
                 kept, accuracy, note = _int8_variant(out / ONNX_FILE, out / INT8_ONNX_FILE, path.parent)
                 notes.append(note)
                 if kept:
@@ -193,7 +197,7 @@ def export_model(
                     runtimes["onnxruntime int8"] = _onnxruntime_call(out / INT8_ONNX_FILE, example)
     else:
         notes.append("ONNX skipped: install `onnx` and `onnxscript` (pip install dpfl[export])")
-    if int8 and not accuracy:
+    if int8 and "onnxruntime" not in runtimes:
         notes.append("int8 skipped: it needs onnx, onnxscript and onnxruntime (pip install dpfl[export])")
     parameters = sum(p.numel() for p in model.parameters())
     write_model_card(out / MODEL_CARD_FILE, path.parent, type(model).__name__, parameters, [f.name for f in files[1:]])
@@ -255,10 +259,9 @@ def _without_root_warnings() -> Iterator[None]:
 
 
 def _test_set(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The MNIST test set as the model takes it, from the run's data directory (or $DPFL_DATA_DIR)."""
-    config_file = run_dir / CONFIG_FILE
-    data_dir = RunConfig.from_mapping(load_toml(config_file)).data.data_dir if config_file.is_file() else ""
-    test = load_mnist(resolve_data_dir(data_dir), train=False)
+    """The run's evaluation set (`eval-dataset`) as the model takes it."""
+    config = _run_config(run_dir)
+    test = load_dataset(config.evaluation.eval_dataset, resolve_data_dir(config.data.data_dir))
     return test.tensors[0].numpy(), test.tensors[1].numpy()
 
 
@@ -280,10 +283,12 @@ def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: i
     if config is None:
         data = "unknown: the run's config.toml was not beside the model"
     else:
-        images = f"{config.data.train_subset:,}" if config.data.train_subset else f"{config.total_train_examples():,}"
+        examples = config.total_train_examples()
+        dataset = f"{examples:,} MNIST training images" if config.data.dataset == "mnist" else f"{examples or 'the'} images of {config.data.dataset}"
         data = (
-            f"{images} MNIST training images, split into {config.federation.num_clients} client shards "
-            f"({config.data.partitioner}); no image left its client, only DP-noised model updates"
+            f"{dataset}, split into {config.federation.num_clients} client shards ({config.data.partitioner}) "
+            "in a simulation, or each client's own data where its node config names a dataset; no "
+            "image left its client, only DP-noised model updates"
         )
     if summary is None:
         privacy = accuracy = "unknown: the run has no summary.json (unfinished?)"
@@ -299,8 +304,8 @@ def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: i
             )
         test = summary.get("test-accuracy")
         accuracy = (
-            f"{100 * test:.2f} % on the 10,000 MNIST test images after {summary['rounds-completed']} rounds"
-            if test is not None else "not evaluated"
+            f"{100 * test:.2f} % on {summary.get('evaluation', 'mnist-test')} after {summary['rounds-completed']} rounds"
+            if test is not None else "not evaluated (eval-dataset = none)"
         )
     path.write_text(
         f"""# Model card: {run_dir.name}

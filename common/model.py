@@ -9,19 +9,21 @@ activations for deep learning with differential privacy", 2021).
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from common.errors import ConfigError
 from common.scattering import Scattering2D
 
 
 class MnistCNN(nn.Module):
     """The small CNN of the DP-SGD MNIST literature: two strided convs and two linear layers."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, kernel_size=8, stride=2, padding=3),
@@ -35,7 +37,7 @@ class MnistCNN(nn.Module):
             nn.Flatten(),
             nn.Linear(32 * 4 * 4, 32),
             nn.Tanh(),
-            nn.Linear(32, 10),
+            nn.Linear(32, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +70,11 @@ class ScatterNet(nn.Module):
     (`common.scattering`), so the whole model exports to TorchScript and ONNX.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.scattering = Scattering2D((28, 28), J=SCATTERING_J, L=SCATTERING_L)
         self.head = nn.Sequential(
-            nn.GroupNorm(27, 81, affine=False), nn.Flatten(), nn.Linear(81 * 7 * 7, 10)
+            nn.GroupNorm(27, 81, affine=False), nn.Flatten(), nn.Linear(81 * 7 * 7, num_classes)
         )
 
     @staticmethod
@@ -92,6 +94,7 @@ class ScatterNet(nn.Module):
         return self.head(self.scattering(x))
 
 
+#: By their `model` names, `BUILT_IN_MODELS` (a test keeps the two equal).
 MODELS: dict[str, type[nn.Module]] = {"cnn": MnistCNN, "scatnet": ScatterNet}
 
 
@@ -118,8 +121,61 @@ def fixed_features(model: nn.Module, dataset: TensorDataset) -> TensorDataset:
     return TensorDataset(transform(images).half(), labels)
 
 
-def build_model(name: str, seed: int | None = None) -> nn.Module:
-    """A fresh model by config name; with a seed, its initial weights are reproducible."""
+def build_model(name: str, seed: int | None = None, num_classes: int = 10) -> nn.Module:
+    """A fresh model by config name (a built-in one, or `package.module:factory`); with a seed,
+    its initial weights are reproducible.
+
+    A factory's model is checked before any training: Opacus' `ModuleValidator` (BatchNorm,
+    for one, mixes examples and breaks per-sample gradients) and one forward pass of a
+    (2, 1, 28, 28) batch, which must give (2, num_classes) scores. Each failure is one line
+    that says what to change.
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[name]()
+    if name in MODELS:
+        return MODELS[name](num_classes)
+    model = _from_factory(name)
+    _check_custom(name, model, num_classes)
+    return model
+
+
+def _from_factory(spec: str) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as err:
+        raise ConfigError(f"model = {spec!r}: cannot import {module_name} ({err}); is its package installed or on PYTHONPATH on every machine?") from None
+    except AttributeError:
+        raise ConfigError(f"model = {spec!r}: {module_name} has no {attribute}") from None
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: whatever it raises, one line
+        raise ConfigError(f"model = {spec!r}: calling {attribute}() failed ({type(err).__name__}: {err})") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model = {spec!r}: {attribute}() returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _check_custom(spec: str, model: nn.Module, num_classes: int) -> None:
+    # Imported here: serving an exported model (`dpfl predict`) must not need Opacus.
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(
+            f"model = {spec!r} cannot train with DP-SGD: {str(errors[0]).splitlines()[0]} "
+            "(replace BatchNorm with GroupNorm, or let opacus.validators.ModuleValidator.fix(model) do it in your factory)"
+        )
+    try:
+        with torch.no_grad():
+            scores = model(torch.zeros(2, 1, 28, 28))
+    except Exception as err:  # the user's forward pass
+        raise ConfigError(
+            f"model = {spec!r} does not accept the data's shape (N, 1, 28, 28): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
+    if tuple(scores.shape) != (2, num_classes):
+        raise ConfigError(
+            f"model = {spec!r} gives scores of shape {tuple(scores.shape)} for 2 images; with "
+            f"num-classes = {num_classes} it must give (2, {num_classes})"
+        )

@@ -66,7 +66,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import RunConfig, load_toml
-from common.data import load_mnist, resolve_data_dir, shard_indices
+from common.config.rules import NO_EVALUATION
+from common.data import load_dataset, resolve_data_dir, shard_indices
 from common.errors import DpflError
 from common.export import load_model
 from common.privacy.accounting import History, history_epsilon, replace_one_epsilon
@@ -346,8 +347,13 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
     config = RunConfig.from_mapping(load_toml(run_dir / CONFIG_FILE))
     summary = _read_summary(run_dir / SUMMARY_FILE)
     accountant_epsilon, delta = _privacy_spent(summary, run_dir / SUMMARY_FILE)
+    if config.evaluation.eval_dataset == NO_EVALUATION:
+        raise DpflError(
+            f"{run_dir} ran with eval-dataset = none: the attack needs non-members, images the "
+            "run never trained on; audit a run that has an evaluation set"
+        )
     data_dir = data_dir or resolve_data_dir(config.data.data_dir)
-    train = load_mnist(data_dir, train=True)
+    train = load_dataset(config.data.dataset, data_dir)
     shards = shard_indices(
         train.tensors[1], config.data, config.seed, config.federation.num_clients
     )
@@ -364,7 +370,7 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
     report = audit_model(
         load_model(run_dir),
         members,
-        load_mnist(data_dir, train=False),
+        load_dataset(config.evaluation.eval_dataset, data_dir),
         delta=delta,
         accountant_epsilon=accountant_epsilon,
         replace_one=replace_one,

@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from common.config import clients_per_round
-from common.data import load_mnist, resolve_data_dir
+from common.config.rules import NO_EVALUATION
+from common.data import load_dataset, resolve_data_dir
 from common.evaluation import evaluate
 from common.model import build_model, fixed_features, split
 from common.privacy.accounting import describe_epsilon
@@ -44,13 +45,15 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     for a fresh run, some for a resumed one).
     """
     config = run_dir.config
-    model = build_model(config.training.model)
+    model = build_model(config.training.model, num_classes=config.training.num_classes)
     model.load_state_dict(run_dir.model)
     done = run_dir.completed_rounds
     random.seed(config.seed + done)  # Flower samples clients with the `random` module
     data_dir = resolve_data_dir(config.data.data_dir)
     evaluated, _ = split(model)
-    test_set = fixed_features(model, load_mnist(data_dir, train=False))  # once, not every round
+    evaluation = config.evaluation.eval_dataset
+    # Features once, not every round; `eval-dataset = none` means no central evaluation at all.
+    test_set = None if evaluation == NO_EVALUATION else fixed_features(model, load_dataset(evaluation, data_dir))
     federation = config.federation
     central = config.privacy.dp_mode == "central"
     last = run_dir.rows[-1] if run_dir.rows and not central else None
@@ -87,7 +90,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(evaluated, test_set)
+        loss, accuracy = evaluate(evaluated, test_set) if test_set is not None else (math.nan, math.nan)
         if server_round > 0:
             epsilon, delta = privacy_spent()
             row = RoundRow(
@@ -117,11 +120,10 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
                     describe_epsilon(row.epsilon),
                 )
             log.info(
-                "round %d/%d  accuracy %.2f%%  loss %.4f  %s epsilon %s  delta %.0e  %.1f s",
+                "round %d/%d  %s  %s epsilon %s  delta %.0e  %.1f s",
                 row.round,
                 federation.num_server_rounds,
-                100 * accuracy,
-                loss,
+                f"accuracy {100 * accuracy:.2f}%  loss {loss:.4f}" if test_set is not None else "no central evaluation",
                 privacy_unit,
                 describe_epsilon(row.epsilon),
                 row.delta,
@@ -153,8 +155,9 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         "rounds-planned": federation.num_server_rounds,
         "rounds-completed": len(rows),
         "stopped-early": stop_reason,
-        "test-accuracy": rows[-1].test_accuracy if rows else None,
-        "test-loss": rows[-1].test_loss if rows else None,
+        "evaluation": evaluation,
+        "test-accuracy": rows[-1].test_accuracy if rows and test_set is not None else None,
+        "test-loss": rows[-1].test_loss if rows and test_set is not None else None,
         "dp-mode": config.privacy.dp_mode,
         "privacy-unit": privacy_unit,
         "private": math.isfinite(epsilon),

@@ -60,23 +60,24 @@ def plot_run(run_dir: Path) -> Path | None:
 
 
 def plot_label_distribution(run_dir: Path, config: RunConfig, data_dir: Path) -> Path:
-    """How many examples of each digit every client holds, as stacked bars.
+    """How many examples of each class every client holds, as stacked bars.
 
-    Recomputed from the server's copy of MNIST and the partition config, so it is what a
+    Recomputed from the simulation's data set and the partition config, so it is what a
     simulation's clients hold. It is exact per client and unprotected by any DP mechanism:
     call it only where the partition is the simulation's own (`dpfl simulate`), never for
     clients that hold their own data.
     """
-    labels = load_labels(data_dir)
+    labels = load_labels(config.data.dataset, data_dir)
     shards = shard_indices(labels, config.data, config.seed, config.federation.num_clients)
-    counts = np.stack([np.bincount(labels.numpy()[s], minlength=10) for s in shards])
+    classes = max(config.training.num_classes, int(labels.max()) + 1)
+    counts = np.stack([np.bincount(labels.numpy()[s], minlength=classes) for s in shards])
     shown = counts[:MAX_CLIENTS_DRAWN]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(shown)), 4))
     bottom = np.zeros(len(shown))
     colors = plt.get_cmap("tab10")
-    for digit in range(10):
-        ax.bar(range(len(shown)), shown[:, digit], bottom=bottom, color=colors(digit), label=str(digit))
-        bottom += shown[:, digit]
+    for label in range(classes):
+        ax.bar(range(len(shown)), shown[:, label], bottom=bottom, color=colors(label % 10), label=str(label))
+        bottom += shown[:, label]
     ax.set_xlabel("client (partition id)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("examples")
@@ -84,7 +85,7 @@ def plot_label_distribution(run_dir: Path, config: RunConfig, data_dir: Path) ->
     if len(counts) > len(shown):
         title += f" (first {len(shown)} of {len(counts)} clients)"
     ax.set_title(title)
-    ax.legend(title="digit", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+    ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
     path = run_dir / LABELS_PLOT
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -26,7 +26,7 @@ import tomli_w
 import torch
 
 from common.config import RunConfig, load_toml
-from common.errors import DpflError
+from common.errors import ConfigError, DpflError
 from common.model import build_model
 from common.storage import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE, atomic_write
 
@@ -123,14 +123,19 @@ class RunDirectory:
                 break
             except FileExistsError:
                 continue
+            except OSError as err:  # not writable, a file in the way, a read-only disk
+                raise ConfigError(
+                    f"output-dir = {config.output_dir!r}: cannot create a run directory in {root} "
+                    f"({err.strerror}); choose a directory you can write to"
+                ) from None
         else:
-            raise FileExistsError(f"could not create a fresh run directory under {root}")
+            raise ConfigError(f"could not create a fresh run directory under {root}: 100 exist for this second")
         if not config.privacy.ledger_dir:
             privacy = dataclasses.replace(config.privacy, ledger_dir=str(path / LEDGERS_DIR))
             config = dataclasses.replace(config, privacy=privacy)
         # The random part keeps two servers' runs apart even with equal names and clocks.
         if model is None:
-            model = build_model(config.training.model, seed=config.seed).state_dict()
+            model = build_model(config.training.model, seed=config.seed, num_classes=config.training.num_classes).state_dict()
         run_dir = cls(path, config, f"{path.name}-{secrets.token_hex(4)}", [], model)
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(config.to_flat()).encode())
         run_dir._save_checkpoint()

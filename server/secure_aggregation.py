@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord]
 
 
+#: SecAgg+'s bound on a client's weight (its number of examples) when the run config cannot
+#: know it (clients with their own data): larger weights would be clipped to it.
+UNKNOWN_DATA_MAX_WEIGHT = 1_000_000
+
+
 def run_secure_aggregation(
     config: RunConfig,
     ledger: LedgerAwareFedAvg,
@@ -67,8 +72,9 @@ def run_secure_aggregation(
             num_shares=secagg.secagg_num_shares,
             reconstruction_threshold=secagg.secagg_reconstruction_threshold,
             # No shard can hold more than the whole training set, so no weight can overflow;
-            # the cost is at most log2(num-clients) bits of the quantisation's precision.
-            max_weight=float(config.total_train_examples()),
+            # the cost is at most log2(num-clients) bits of the quantisation's precision. A
+            # client's own data has a size only it knows: then the bound is generous instead.
+            max_weight=float(config.total_train_examples() or UNKNOWN_DATA_MAX_WEIGHT),
             clipping_range=secagg.secagg_clipping_range,
             quantization_range=secagg.secagg_quantization_range,
             modulus_range=SECAGG_MODULUS,

@@ -47,7 +47,7 @@ def _epoch_seconds(config: RunConfig, inputs: TensorDataset, private: bool) -> f
     epoch is slower than the rest (partly allocating memory for its variable-size Poisson
     batches), and a round pays that once, not once per epoch.
     """
-    model, _ = split(build_model(config.training.model, seed=config.seed))
+    model, _ = split(build_model(config.training.model, seed=config.seed, num_classes=config.training.num_classes))
     epochs = config.training.local_epochs
     start = time.perf_counter()
     if private:
@@ -76,7 +76,7 @@ def dp_overhead(config: RunConfig, repeats: int = 3) -> dict[str, float]:
     """
     data_dir = resolve_data_dir(config.data.data_dir)
     shard = client_shard(config.data, config.seed, 0, config.federation.num_clients, data_dir)
-    shard = fixed_features(build_model(config.training.model), shard)
+    shard = fixed_features(build_model(config.training.model, num_classes=config.training.num_classes), shard)
     plain, private = [], []
     for _ in range(repeats):
         plain.append(_epoch_seconds(config, shard, private=False))
@@ -105,7 +105,7 @@ def run_without_flower(config: RunConfig, scored_on: TensorDataset | None = None
 
 def _rounds_in_process(config: RunConfig, scored_on: TensorDataset | None, run_key: str) -> dict[str, float]:
     start = time.perf_counter()
-    model = build_model(config.training.model, seed=config.seed)
+    model = build_model(config.training.model, seed=config.seed, num_classes=config.training.num_classes)
     evaluated, _ = split(model)
     if scored_on is None:
         scored_on = fixed_features(model, load_mnist(resolve_data_dir(config.data.data_dir), train=False))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import RunConfig
+from common.data import load_labels, resolve_data_dir
 from simulations.presets import load_preset
 
 SAMPLE_SECONDS = 0.5
@@ -95,7 +97,7 @@ def scale(preset: str | None, overrides: list[str], client_counts: list[int]) ->
         rows.append(
             {
                 "clients": clients,
-                "shard-size": config.total_train_examples() // clients,
+                "shard-size": _examples(config) // clients,
                 "rounds": summary["rounds-completed"],
                 "seconds": time.perf_counter() - start,
                 "peak-rss-mib": memory.rss_mib,
@@ -106,3 +108,9 @@ def scale(preset: str | None, overrides: list[str], client_counts: list[int]) ->
             }
         )
     return rows
+
+
+def _examples(config: RunConfig) -> int:
+    """The images the clients share: from the config for MNIST, from the files for a user's data set."""
+    known = config.total_train_examples()
+    return known if known is not None else len(load_labels(config.data.dataset, resolve_data_dir(config.data.data_dir)))

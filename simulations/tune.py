@@ -58,7 +58,7 @@ def tune(preset: str | None, grid: dict[str, list[str]], overrides: list[str], r
         key = (config.training.model, config.data.validation_size, config.data.data_dir)
         if key not in validations:
             images = load_validation(config.data, resolve_data_dir(config.data.data_dir))
-            validations[key] = fixed_features(build_model(config.training.model), images)
+            validations[key] = fixed_features(build_model(config.training.model, num_classes=config.training.num_classes), images)
         runs = []
         for repeat in range(repeats):
             seeded = load_preset(preset, [*overrides, *choice, f"seed={config.seed + repeat}"])

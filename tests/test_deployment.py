@@ -11,6 +11,7 @@ tree is collected, not just the process group).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -643,3 +644,123 @@ def test_later_runs_continue_the_ledger_and_are_refused_past_the_lifetime_budget
         ledger = read_ledger(deployment, index, CRASH_LEDGER)
         assert ledger["history"] == after_second[index]["history"]
         assert ledger_epsilon(ledger) <= ledger["target-epsilon"] == BUDGET
+
+
+# ---- clients that bring their own data ----------------------------------------------------------
+
+FOLDER_IMAGES = 300  # per client
+FOLDER_LEDGER = "ledger-folder"
+
+
+def write_digit_folders(data_dir: Path, out: Path, clients: int) -> list[Path]:
+    """`clients` disjoint image folders of FOLDER_IMAGES real MNIST training digits each, one
+    sub-directory per class ("0".."9"), written as PNG with PIL; a few are odd on purpose
+    (RGB, another size, both) and must come out as the same 28x28 grayscale digits."""
+    import numpy as np
+    from PIL import Image
+
+    from common.data import load_mnist, raw_pixels
+
+    images, labels = load_mnist(data_dir, train=True).tensors
+    order = np.random.default_rng(7).permutation(len(labels))
+    chosen, seen = [], set()
+    for index in order:  # distinct contents only: equal records would share one ledger id
+        key = raw_pixels(images[index]).numpy().tobytes() + bytes([int(labels[index])])
+        if key not in seen:
+            seen.add(key)
+            chosen.append(int(index))
+        if len(chosen) == clients * FOLDER_IMAGES:
+            break
+    folders = []
+    for client in range(clients):
+        folder = out / f"digits-{client}"
+        for digit in range(10):
+            (folder / str(digit)).mkdir(parents=True)
+        for number, index in enumerate(chosen[client * FOLDER_IMAGES : (client + 1) * FOLDER_IMAGES]):
+            image = Image.fromarray(raw_pixels(images[index])[0].numpy(), mode="L")
+            if number % 50 == 1:
+                image = image.convert("RGB")
+            elif number % 50 == 2:
+                image = image.resize((56, 56), Image.Resampling.NEAREST)
+            elif number % 50 == 3:
+                image = image.convert("RGB").resize((40, 40), Image.Resampling.BILINEAR)
+            image.save(folder / str(int(labels[index])) / f"{number:04d}.png")
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.slow
+def test_supernodes_train_on_their_own_image_folders_without_mnist(deployment, tmp_path):
+    """Two SuperNodes over TLS, each on an image folder of its own, on 'machines' that hold no
+    MNIST training files: only the server has MNIST, for its central evaluation."""
+    import base64
+
+    import numpy as np
+
+    from common.privacy.ledger import record_ids
+    from common.sources import load_folder
+
+    folders = write_digit_folders(deployment.data_dir, tmp_path, clients=2)
+    # The client machines' data directory: no MNIST at all (the server's has all four files).
+    client_data = tmp_path / "client-data"
+    client_data.mkdir()
+    assert not (client_data / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    assert list(client_data.rglob("*-ubyte*")) == []
+    assert (deployment.data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    clients = dataclasses.replace(deployment, data_dir=client_data)  # same SuperLink and procs
+
+    budgets = {0: 4.0, 1: 3.0}
+    nodes = {}
+    try:
+        for index, budget in budgets.items():
+            assert not ledger_dir(deployment, index, FOLDER_LEDGER).exists()
+            nodes[index] = clients.start_supernode(
+                index,
+                f'dataset="folder:{folders[index]}" data-dir="{client_data}" '
+                f'ledger-dir="{ledger_dir(deployment, index, FOLDER_LEDGER)}" '
+                f"target-epsilon={budget} target-delta=1e-5",
+            )
+        for proc in nodes.values():
+            assert f"DPFL_DATA_DIR={client_data}".encode() in Path(
+                f"/proc/{proc.popen.pid}/environ"
+            ).read_bytes().split(b"\0")
+        deployment.wait_online(nodes)
+        out = deployment.root / "outputs-folders"
+        # 300 images, batch 50: 6 DP-SGD steps a round. The run proposes the larger budget, so
+        # each client's own budget is the one that binds.
+        run_config = (
+            "num-server-rounds=2 num-clients=2 batch-size=50 local-epochs=1 target-epsilon=4.0 "
+            f'output-dir="{out}"'
+        )
+        with deployment.background_run(run_config, "flwr-run-folders") as run:
+            deployment.finish(run, list(nodes.values()))
+    finally:
+        for proc in nodes.values():
+            stop(proc)
+    assert leftovers(list(nodes.values())) == []
+
+    summary, rounds = run_results(out)
+    assert summary["rounds-completed"] == 2 and summary["stopped-early"] is None
+    assert [row["clients-trained"] for row in rounds] == ["2", "2"]  # neither lacked its data
+    # Central evaluation ran on the server's MNIST test set.
+    assert 0.0 <= summary["test-accuracy"] <= 1.0
+    assert all(0.0 <= float(row["test-accuracy"]) <= 1.0 for row in rounds)
+
+    spent, charged = {}, {}
+    for index, budget in budgets.items():
+        ledger = read_ledger(deployment, index, FOLDER_LEDGER)  # in its own ledger-dir, one group
+        assert ledger["target-epsilon"] == budget and ledger["target-delta"] == 1e-5
+        assert 0 < ledger["epsilon-spent"] <= budget
+        assert ledger["epsilon-spent"] == pytest.approx(ledger_epsilon(ledger), rel=1e-6)
+        (group,) = ledger["groups"]
+        assert group["records"] == FOLDER_IMAGES
+        assert steps(ledger) == 12  # 2 rounds of ceil(300 / 50) steps
+        # The records charged are exactly this client's folder's, as the client decodes them.
+        charged[index] = set(np.frombuffer(base64.b64decode(group["ids"]), dtype="<u8").tolist())
+        images, labels, classes = load_folder(folders[index])
+        assert classes == [str(digit) for digit in range(10)]
+        assert tuple(images.shape) == (FOLDER_IMAGES, 1, 28, 28)
+        assert charged[index] == set(record_ids(images, labels).tolist())
+        spent[index] = ledger["epsilon-spent"]
+    assert not charged[0] & charged[1]  # disjoint folders, disjoint records
+    assert summary["epsilon"] == pytest.approx(max(spent.values()), abs=1e-6)

@@ -19,13 +19,15 @@ names the key, the value and what is allowed.
 """
 
 from common.config.files import load_toml, parse_overrides
-from common.config.rules import check_delta, clients_per_round
+from common.config.rules import check_delta, clients_per_round, data_source
 from common.config.schema import ClientRunConfig, NodeConfig, RunConfig
 from common.config.sections import (
+    BUILT_IN_MODELS,
     SECAGG_MODULUS,
     TRAIN_SET_SIZE,
     CentralConfig,
     DataConfig,
+    EvaluationConfig,
     FederationConfig,
     PrivacyConfig,
     SecureAggregationConfig,
@@ -33,11 +35,13 @@ from common.config.sections import (
 )
 
 __all__ = [
+    "BUILT_IN_MODELS",
     "SECAGG_MODULUS",
     "TRAIN_SET_SIZE",
     "CentralConfig",
     "ClientRunConfig",
     "DataConfig",
+    "EvaluationConfig",
     "FederationConfig",
     "NodeConfig",
     "PrivacyConfig",
@@ -46,6 +50,7 @@ __all__ = [
     "TrainingConfig",
     "check_delta",
     "clients_per_round",
+    "data_source",
     "load_toml",
     "parse_overrides",
 ]

@@ -4,21 +4,59 @@ SecAgg+ sum that would wrap around its modulus, noise that contradicts a non-pri
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 from common.config.sections import (
+    BUILT_IN_MODELS,
     SECAGG_MODULUS,
     TRAIN_SET_SIZE,
     CentralConfig,
     DataConfig,
+    EvaluationConfig,
     FederationConfig,
     PrivacyConfig,
     SecureAggregationConfig,
+    TrainingConfig,
 )
 from common.errors import ConfigError
 
+MNIST, FOLDER, NPZ = "mnist", "folder", "npz"
+#: `eval-dataset` values besides a data source: MNIST's test set, or no central evaluation.
+MNIST_TEST, NO_EVALUATION = "mnist-test", "none"
+#: A run's name becomes a directory name inside output-dir: no separators, no leading dot.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: `package.module:factory`
+MODEL_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
-def total_train_examples(data: DataConfig) -> int:
-    """How many training images are split among the clients (held-out validation excluded)."""
+
+def data_source(value: str, key: str, also: tuple[str, ...] = (MNIST,)) -> tuple[str, Path | None]:
+    """A data-source value, parsed: (`mnist` or another of `also`, None), (`folder`, PATH) or (`npz`, PATH).
+
+    Only the syntax: the files are read (and their errors reported) where the data is loaded.
+    """
+    kind, sep, path = value.partition(":")
+    if not sep and value in also:
+        return value, None
+    if sep and kind in (FOLDER, NPZ) and path.strip():
+        return kind, Path(path.strip()).expanduser()
+    raise ConfigError(f"{key} = {value!r} is invalid: must be {', '.join(also)}, folder:PATH or npz:PATH")
+
+
+def check_training(training: TrainingConfig) -> None:
+    """A model is built in or named as `package.module:factory`."""
+    if training.model not in BUILT_IN_MODELS and not MODEL_FACTORY.fullmatch(training.model):
+        raise ConfigError(
+            f"model = {training.model!r} is invalid: must be {', '.join(BUILT_IN_MODELS)} or "
+            "package.module:factory (a function returning an nn.Module)"
+        )
+
+
+def total_train_examples(data: DataConfig) -> int | None:
+    """How many training images are split among the clients (held-out validation excluded);
+    None for a data set of the user's, whose size only its files know."""
+    if data.dataset != MNIST:
+        return data.train_subset or None
     return data.train_subset or (TRAIN_SET_SIZE - data.validation_size)
 
 
@@ -27,8 +65,29 @@ def clients_per_round(federation: FederationConfig) -> int:
     return max(1, math.floor(federation.fraction_train * federation.num_clients))
 
 
+def check_client(data: DataConfig, training: TrainingConfig, privacy: PrivacyConfig) -> None:
+    """The rules within what a client is sent: what it checks of a server's proposal."""
+    data_source(data.dataset, "dataset")
+    check_training(training)
+    check_privacy(privacy)
+
+
+def _check_mnist_sizes(data: DataConfig) -> None:
+    for key, value in (("train-subset", data.train_subset), ("validation-size", data.validation_size)):
+        if value > TRAIN_SET_SIZE:
+            raise ConfigError(f"{key} = {value} is invalid: MNIST has {TRAIN_SET_SIZE} training images")
+    left = TRAIN_SET_SIZE - data.validation_size
+    if left < max(data.train_subset, 1):
+        raise ConfigError(
+            f"validation-size = {data.validation_size} is invalid: it leaves {left} of the "
+            f"{TRAIN_SET_SIZE} training images to train on"
+            + (f", fewer than train-subset = {data.train_subset}" if data.train_subset else "")
+            + "; lower it"
+        )
+
+
 def check_privacy(privacy: PrivacyConfig) -> None:
-    """The privacy section on its own: what a client checks of a server's proposal."""
+    """The privacy section on its own."""
     if privacy.noise_multiplier > 0 and math.isinf(privacy.target_epsilon):
         raise ConfigError(
             f"noise-multiplier = {privacy.noise_multiplier:g} contradicts target-epsilon = inf "
@@ -42,37 +101,40 @@ def check_privacy(privacy: PrivacyConfig) -> None:
 
 
 def check_run(
+    name: str,
     federation: FederationConfig,
     data: DataConfig,
+    training: TrainingConfig,
     privacy: PrivacyConfig,
     central: CentralConfig,
+    evaluation: EvaluationConfig,
     secagg: SecureAggregationConfig,
 ) -> None:
     """Every rule across the keys of a whole run config."""
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"name = {name!r} is invalid: it names the run's directory inside output-dir, so use "
+            "letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+        )
+    check_client(data, training, privacy)
+    data_source(evaluation.eval_dataset, "eval-dataset", also=(MNIST_TEST, NO_EVALUATION))
     examples = total_train_examples(data)
     clients = federation.num_clients
-    left = TRAIN_SET_SIZE - data.validation_size
-    if left < max(data.train_subset, 1):
-        raise ConfigError(
-            f"validation-size = {data.validation_size} is invalid: it leaves {left} of the "
-            f"{TRAIN_SET_SIZE} training images to train on"
-            + (f", fewer than train-subset = {data.train_subset}" if data.train_subset else "")
-            + "; lower it"
-        )
+    if data.dataset == MNIST:
+        _check_mnist_sizes(data)
     if federation.min_train_clients > clients:
         raise ConfigError(
             f"min-train-clients = {federation.min_train_clients} is invalid: more than "
             f"num-clients = {clients}; no round could ever be aggregated"
         )
-    if clients > examples:
+    if examples is not None and clients > examples:
         raise ConfigError(
             f"num-clients = {clients} is invalid: more clients than "
             f"training samples ({examples}); lower num-clients or raise train-subset"
         )
-    check_privacy(privacy)
     if privacy.dp_mode == "central":
         _check_central(privacy, central, clients)
-    else:
+    elif examples is not None:  # otherwise each client checks delta against its real size
         check_delta(privacy.target_delta, examples // clients)
     _check_secure_aggregation(federation, privacy, secagg)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config.options import FlatConfig, option, section
-from common.config.rules import check_privacy, check_run, total_train_examples
+from common.config.rules import check_client, check_run, data_source, total_train_examples
 from common.config.sections import (
     CentralConfig,
     DataConfig,
+    EvaluationConfig,
     FederationConfig,
     PrivacyConfig,
     SecureAggregationConfig,
@@ -35,7 +36,7 @@ class ClientRunConfig(FlatConfig):
     privacy: PrivacyConfig = section(PrivacyConfig)
 
     def check(self) -> None:
-        check_privacy(self.privacy)
+        check_client(self.data, self.training, self.privacy)
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,21 @@ class RunConfig(FlatConfig):
     training: TrainingConfig = section(TrainingConfig)
     privacy: PrivacyConfig = section(PrivacyConfig)
     central: CentralConfig = section(CentralConfig)
+    evaluation: EvaluationConfig = section(EvaluationConfig)
     secagg: SecureAggregationConfig = section(SecureAggregationConfig)
 
     def check(self) -> None:
-        check_run(self.federation, self.data, self.privacy, self.central, self.secagg)
+        check_run(
+            self.name, self.federation, self.data, self.training, self.privacy, self.central, self.evaluation, self.secagg
+        )
 
     def for_clients(self) -> ClientRunConfig:
         """The part of this run a client uses: what the server sends it each round."""
         return ClientRunConfig(self.seed, self.federation.num_server_rounds, self.data, self.training, self.privacy)
 
-    def total_train_examples(self) -> int:
-        """How many training images are split among the clients (held-out validation excluded)."""
+    def total_train_examples(self) -> int | None:
+        """How many training images are split among the clients (held-out validation excluded);
+        None for a data set of the user's, whose size only its files know."""
         return total_train_examples(self.data)
 
 
@@ -80,6 +85,11 @@ class NodeConfig(FlatConfig):
     target_delta: float | None = option(
         None, "this client's own delta", low=0.0, high=1.0, low_open=True, high_open=True
     )
+    dataset: str = option(
+        "",
+        "this client's own data, used whole: folder:PATH or npz:PATH (or mnist); empty: its "
+        "partition (partition-id of num-partitions) of the run's dataset",
+    )
     data_dir: str = option("", "this client's MNIST directory; empty means the run's")
     ledger_dir: str = option(
         "",
@@ -88,6 +98,8 @@ class NodeConfig(FlatConfig):
     )
 
     def check(self) -> None:
+        if self.dataset:
+            data_source(self.dataset, "node config dataset")
         if self.partition_id >= self.num_partitions:
             raise ConfigError(
                 f"node config partition-id = {self.partition_id} is invalid: must be below "

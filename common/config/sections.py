@@ -13,8 +13,10 @@ from typing import Any
 
 from common.config.options import option
 
-#: Number of images in the MNIST training set; the most samples any run can shard.
+#: Number of images in the MNIST training set; the most samples a run on MNIST can shard.
 TRAIN_SET_SIZE = 60_000
+#: The models `model` names directly; anything else must be `package.module:factory`.
+BUILT_IN_MODELS = ("cnn", "scatnet")
 
 
 def seed_option() -> Any:
@@ -49,8 +51,14 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where MNIST lives and how the training set is cut into client shards."""
+    """The training data and how a simulation cuts it into client shards."""
 
+    dataset: str = option(
+        "mnist",
+        "training data: mnist, folder:PATH (one sub-directory of images per class) or npz:PATH "
+        "(arrays x, y); a simulation cuts it into the clients' shards, a real client's node "
+        "config names its own",
+    )
     data_dir: str = option(
         "", "directory holding MNIST/raw/*-ubyte; empty means $DPFL_DATA_DIR, else ./data"
     )
@@ -60,15 +68,12 @@ class DataConfig:
     dirichlet_alpha: float = option(
         0.5, "label-skew concentration for the dirichlet partitioner", low=0.0, low_open=True
     )
-    train_subset: int = option(
-        0, "use only this many training images (0 = all 60000)", low=0, high=TRAIN_SET_SIZE
-    )
+    train_subset: int = option(0, "use only this many training images (0 = all)", low=0)
     validation_size: int = option(
         0,
         "training images held out of every shard for tuning (`dpfl tune` evaluates on them); "
         "0 = none",
         low=0,
-        high=TRAIN_SET_SIZE,
     )
 
 
@@ -78,10 +83,11 @@ class TrainingConfig:
 
     model: str = option(
         "scatnet",
-        "cnn (small tanh CNN, 26,010 weights) or scatnet (fixed ScatterNet features and a "
-        "GroupNorm'd linear head, 39,700 weights)",
-        choices=("cnn", "scatnet"),
+        "cnn (small tanh CNN, 26,010 weights), scatnet (fixed ScatterNet features and a "
+        "GroupNorm'd linear head, 39,700 weights), or package.module:factory, a function "
+        "returning your own nn.Module for (N, 1, 28, 28) inputs",
     )
+    num_classes: int = option(10, "classes of the data, labelled 0 to num-classes - 1: the model's outputs", low=2)
     batch_size: int = option(
         1200, "expected batch size (Poisson sampling draws each example with rate B/n)", low=1
     )
@@ -152,6 +158,17 @@ class CentralConfig:
     )
     central_clipping_norm: float = option(
         2.0, "central DP: L2 bound on each client's model update per round", low=0.0, low_open=True
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The server's central evaluation of every global model."""
+
+    eval_dataset: str = option(
+        "mnist-test",
+        "what the server scores each global model on: mnist-test, folder:PATH, npz:PATH, or "
+        "none (no central evaluation)",
     )
 
 

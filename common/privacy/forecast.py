@@ -34,12 +34,12 @@ class ClientPlan:
 
 def forecast(config: RunConfig) -> list[ClientPlan]:
     """Per client group: shard, sampling rate, steps, sigma and epsilon after every round."""
-    labels = load_labels(resolve_data_dir(config.data.data_dir))
+    labels = load_labels(config.data.dataset, resolve_data_dir(config.data.data_dir))
     shards = shard_indices(labels, config.data, config.seed, config.federation.num_clients)
     by_size: dict[int, list[int]] = {}
     for partition_id, shard in enumerate(shards):
         by_size.setdefault(len(shard), []).append(partition_id)
-    parameters = sum(p.numel() for p in build_model(config.training.model).parameters())
+    parameters = sum(p.numel() for p in build_model(config.training.model, num_classes=config.training.num_classes).parameters())
     return [
         _plan_group(config, ids, size, parameters) for size, ids in sorted(by_size.items())
     ]

@@ -272,7 +272,7 @@ def test_the_model_card_says_what_the_model_is_and_its_loading_lines_work(scatne
     run_dir, model, _ = scatnet_run
     card = (run_dir / MODEL_CARD_FILE).read_text()
     for fact in ("ScatterNet, 39,700 trained parameters", "60,000 MNIST training images, split into 4 client shards (iid)",
-                 "(ε = 1.992, δ = 1e-05)-differential privacy per example", "accountant prv", "97.31 %", "(N, 1, 28, 28)"):
+                 "(ε = 1.992, δ = 1e-05)-differential privacy per example", "accountant prv", "97.31 % on mnist-test", "(N, 1, 28, 28)"):
         assert fact in card, fact
     # The card's TorchScript lines, run as a user would: without any dpfl code importable.
     snippet = card.split("```python\n")[1].split("```")[0]

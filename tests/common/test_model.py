@@ -2,10 +2,12 @@ import torch
 from opacus.validators import ModuleValidator
 from torch.utils.data import TensorDataset
 
+from common.config import BUILT_IN_MODELS
 from common.model import MODELS, build_model, fixed_features, split
 
 
 def test_every_model_is_opacus_compatible():
+    assert tuple(MODELS) == BUILT_IN_MODELS  # the names the config accepts
     for name in MODELS:
         model = build_model(name)
         assert ModuleValidator.validate(model, strict=False) == []

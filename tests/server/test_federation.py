@@ -15,6 +15,7 @@ from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from client.proposal import read_proposal
 from common.config import ClientRunConfig, RunConfig
+from common.errors import ConfigError
 from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RUN_KEY, SERVER_ROUND, train_metrics
 from server.federation import run_federation
 from server.plots import LABELS_PLOT, ROUNDS_PLOT
@@ -123,3 +124,20 @@ def test_clients_are_sent_only_the_keys_they_use(tiny_config):
         assert not {"min-train-clients", "secagg-quantization-range", "central-noise-multiplier", "output-dir"} & set(proposal)
         run, _ = read_proposal(proposal, flower_run_id=1)
         assert run == run_dir.config.for_clients()
+
+
+def test_without_an_evaluation_set_the_run_says_so(tiny_config, dpfl_logs):
+    config = RunConfig.from_mapping({**tiny_config.to_flat(), "num-server-rounds": 2, "eval-dataset": "none"})
+    summary = run_federation(ScriptedGrid({1: sound(0.5), 2: sound(0.7)}), RunDirectory.create(config))
+    assert summary["evaluation"] == "none" and summary["test-accuracy"] is None and summary["test-loss"] is None
+    assert summary["rounds-completed"] == 2 and summary["epsilon"] == pytest.approx(0.7)
+    assert "round 2/2  no central evaluation" in dpfl_logs.text
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path):
+    (tmp_path / "a-file").write_text("in the way\n")
+    config = RunConfig.from_mapping({**tiny_config.to_flat(), "output-dir": str(tmp_path / "a-file" / "runs")})
+    with pytest.raises(ConfigError) as err:
+        RunDirectory.create(config)
+    assert "cannot create a run directory" in str(err.value) and "choose a directory you can write to" in str(err.value)
+    assert "\n" not in str(err.value)
