@@ -8,6 +8,8 @@ reading and writing of records differs; the round itself is `train_round` either
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,6 +42,8 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     return call_next(msg, context)
 
 
+log = logging.getLogger(__name__)
+
 app = ClientApp()
 
 
@@ -52,8 +56,13 @@ def train(msg: Message, context: Context) -> Message:
     else:
         run, run_key = read_proposal(msg.content[CONFIG_KEY], context.run_id)
         global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    node = NodeConfig.from_mapping(context.node_config)
-    outcome = train_round(global_state, run, node, run_key, simulated=running_in_simulation())
+    try:
+        node = NodeConfig.from_mapping(context.node_config)
+        outcome = train_round(global_state, run, node, run_key, simulated=running_in_simulation())
+    except Exception:  # Flower would send its message, which may name local paths or counts
+        log.exception("this client failed the round; the server is told only that it failed")
+        # An epsilon the server cannot read: it bounds this client by the run's budget.
+        outcome = RoundOutcome(None, 0, math.nan, math.nan, "it failed during the round (see its log)")
     content = fit_reply(outcome, global_state) if secure else reply(outcome)
     return Message(content=content, reply_to=msg)
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from client.ledger import LedgerFile, ledger_directory
 from common.config import ClientRunConfig, NodeConfig, check_delta
+from common.config.rules import MNIST
 from common.data import client_shard, load_dataset, raw_pixels, resolve_data_dir, tensor_loader
 from common.errors import ConfigError, DataError, DpflError
 from common.model import build_model, fixed_features, split
@@ -85,41 +86,34 @@ def train_round(
     """Train on this client's data for one round of run `run_key`, unless the ledger forbids it.
 
     The data is the node's own (`dataset` in its node config, used whole) or its partition
-    of the run's. The ledger lives in the node's `ledger-dir`; in a simulation (`simulated`)
-    the run's may stand in for it. Everything that can fail before training (the data, the
-    model, the labels) is checked before the round is charged to the ledger, and the charge
-    comes before training, so an update is never released without having been paid for. A
-    refusal's reason leaves the client: it names no file, class or count.
+    of MNIST; only in a simulation (`simulated`) may the run config name the data and where
+    it lives, and the ledger's place. Everything that can fail before training (the data,
+    the labels, the model) is checked before the round is charged to the ledger, and the
+    charge comes before training, so an update is never released without having been paid
+    for. A refusal's reason leaves the client: it names no file, class or count.
     """
     delta = run.privacy.target_delta
-    data_dir = resolve_data_dir(node.data_dir or run.data.data_dir)
     try:
-        if node.dataset:
-            shard = load_dataset(node.dataset, data_dir)
-        else:
-            shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+        shard = _training_data(run, node, simulated)
     except DataError as err:  # its message names local paths: they stay here
         log.warning("client %d refuses to train: %s", node.partition_id, err)
         return RoundOutcome(None, 0, math.nan, delta, "it cannot load its training data (see its log)")
-    labels, classes = shard.tensors[1], run.training.num_classes
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        log.warning(
-            "client %d refuses to train: its labels run from %d to %d, outside num-classes = %d",
-            node.partition_id, int(labels.min()), int(labels.max()), classes,
-        )
-        return RoundOutcome(None, 0, math.nan, delta, f"its data has labels outside num-classes = {classes}")
+    classes = run.training.num_classes
+    refusal = _label_refusal(shard.tensors[1], classes, node)
+    if refusal is not None:
+        return RoundOutcome(None, 0, math.nan, delta, refusal)
     try:
         model = build_model(run.training.model, num_classes=classes)
         model.load_state_dict(global_state)
     except (ConfigError, RuntimeError) as err:  # a factory that fails here, or a model unlike the server's
         log.warning("client %d refuses to train: %s", node.partition_id, str(err).splitlines()[0])
         return RoundOutcome(None, 0, math.nan, delta, "it cannot build the run's model, or the global model does not fit it (see its log)")
-    ids = record_ids(raw_pixels(shard.tensors[0]), shard.tensors[1])
+    shard, ids = _distinct_records(shard, node)
     data_key = dataset_key(ids)
     try:
         directory = ledger_directory(node.ledger_dir, run.privacy.ledger_dir, simulated)
         charge = charge_round(
-            LedgerFile(directory), np.unique(ids), len(shard), run, node, f"{run_key}:{data_key}", simulated
+            LedgerFile(directory), np.sort(ids), len(shard), run, node, f"{run_key}:{data_key}", simulated
         )
     except LedgerError as err:
         log.warning("client %d refuses to train: %s", node.partition_id, err)
@@ -136,7 +130,70 @@ def train_round(
             f"DP-SGD ran {taken} but the ledger was charged {plan.steps_per_round} steps at noise "
             f"{plan.noise_multiplier:.4g} and rate {plan.sample_rate:.4g}; the update is withheld"
         )
-    return RoundOutcome(model.state_dict(), len(shard), charge.epsilon, charge.delta)
+    state = model.state_dict()
+    _check_only_parameters_moved(model, state, global_state)
+    return RoundOutcome(state, len(shard), charge.epsilon, charge.delta)
+
+
+def _training_data(run: ClientRunConfig, node: NodeConfig, simulated: bool) -> TensorDataset:
+    """The node's own data set, or its partition of MNIST (of the run's data set, simulated).
+
+    A real client never trains on a path a server proposes: that would let the server pick
+    files on the client's machine to train on and release, or probe which exist.
+    """
+    if node.dataset:
+        return load_dataset(node.dataset, resolve_data_dir(node.data_dir))
+    if simulated:
+        return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(node.data_dir or run.data.data_dir))
+    if run.data.dataset != MNIST:
+        raise DataError(
+            f"the run proposes dataset = {run.data.dataset!r}; a real client trains only on what its own "
+            "node config names (dataset = ...) or on its MNIST partition"
+        )
+    return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(node.data_dir))
+
+
+def _label_refusal(labels: torch.Tensor, classes: int, node: NodeConfig) -> str | None:
+    """Why labels and the run's `num-classes` do not fit, or None.
+
+    With `num-classes` in the node config the answer depends on configs only; without it,
+    it depends on the data (the largest label): a server re-proposing `num-classes` could
+    search for it, one refusal at a time, so owners of their own data should declare it.
+    """
+    if node.num_classes and node.num_classes != classes:
+        return f"it holds {node.num_classes} classes, not num-classes = {classes}"
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= (node.num_classes or classes)):
+        log.warning(
+            "client %d refuses to train: its labels run from %d to %d, outside num-classes = %d",
+            node.partition_id, int(labels.min()), int(labels.max()), node.num_classes or classes,
+        )
+        return f"its data has labels outside num-classes = {classes}"
+    return None
+
+
+def _distinct_records(shard: TensorDataset, node: NodeConfig) -> tuple[TensorDataset, np.ndarray]:
+    """The shard with each record (equal pixels and label) once, and the records' ids.
+
+    A record present twice would be sampled twice a step while the ledger, which names
+    records by content, charges it once: its epsilon would be understated. So copies are
+    dropped before training (how many stays in the client's log).
+    """
+    ids = record_ids(raw_pixels(shard.tensors[0]), shard.tensors[1])
+    unique, first = np.unique(ids, return_index=True)
+    if len(unique) == len(ids):
+        return shard, ids
+    log.warning("client %d: %d duplicate records left out of training", node.partition_id, len(ids) - len(unique))
+    keep = torch.from_numpy(np.sort(first))
+    return TensorDataset(*(tensor[keep] for tensor in shard.tensors)), ids[keep.numpy()]
+
+
+def _check_only_parameters_moved(model: nn.Module, state: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
+    """Only parameters go through DP-SGD's clipping and noise; any other state that training
+    changed (a buffer a forward pass updates) was computed from the data without noise."""
+    parameters = {name for name, _ in model.named_parameters()}
+    moved = [name for name, value in state.items() if name not in parameters and not torch.equal(value, before[name])]
+    if moved:
+        raise DpflError(f"training changed {', '.join(moved)}, which are not parameters and so not noised by DP-SGD; the update is withheld")
 
 
 def charge_round(
@@ -170,7 +227,10 @@ def charge_round(
             ledger.accept_owner_budget(_owners_word(node, ledger.budget), "node config")
         budget = PrivacyBudget(min(ledger.budget.epsilon, proposed.epsilon), min(ledger.budget.delta, proposed.delta))
         if math.isfinite(budget.epsilon):  # delta means nothing for a non-private release
-            check_delta(budget.delta, num_examples)
+            try:
+                check_delta(budget.delta, num_examples)
+            except ConfigError as err:  # its message holds the number of examples: it stays here
+                raise LedgerError(str(err), "its delta is too large for its number of examples (see its log)") from None
         spent = ledger.spent(records)
         plan = ledger.plans.get(plan_key)
         if plan is None:

@@ -275,6 +275,15 @@ def _onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray, batch: in
     return float((predicted == labels).mean())
 
 
+def _what_left(config: RunConfig, summary: dict | None) -> str:
+    """What the clients released, by the run's DP mode: the claim the card may make."""
+    if summary is not None and summary.get("epsilon") is None:
+        return "the model updates were released without differential privacy (target-epsilon = inf)."
+    if config.privacy.dp_mode == "central":
+        return "clients sent clipped model updates to the server, which noised their sum (central DP: the server is trusted)."
+    return "clients released only model updates noised by DP-SGD."
+
+
 def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: int, files: list[str]) -> None:
     """`model-card.md`: data, privacy guarantee and unit, accuracy, input format, how to load it."""
     config_file, summary_file = run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE
@@ -283,12 +292,12 @@ def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: i
     if config is None:
         data = "unknown: the run's config.toml was not beside the model"
     else:
-        examples = config.total_train_examples()
-        dataset = f"{examples:,} MNIST training images" if config.data.dataset == "mnist" else f"{examples or 'the'} images of {config.data.dataset}"
+        # The path of a user's data set stays out of a file meant to be published.
+        dataset = f"{config.total_train_examples():,} MNIST training images" if config.data.dataset == "mnist" else "a data set of the user's"
         data = (
-            f"{dataset}, split into {config.federation.num_clients} client shards ({config.data.partitioner}) "
-            "in a simulation, or each client's own data where its node config names a dataset; no "
-            "image left its client, only DP-noised model updates"
+            f"{dataset}, cut into {config.federation.num_clients} client shards ({config.data.partitioner}) in a "
+            "simulation; in a deployment, whatever each client's node config names, which the server "
+            f"never sees. No image left its client: {_what_left(config, summary)}"
         )
     if summary is None:
         privacy = accuracy = "unknown: the run has no summary.json (unfinished?)"
@@ -316,7 +325,7 @@ def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: i
 - **Accuracy**: {accuracy}
 - **Input**: float32 (N, 1, 28, 28): a light digit on a dark background, pixels scaled to
   [0, 1], then normalised with MNIST's mean {MEAN} and standard deviation {STD}
-- **Output**: (N, 10) logits; the digit is their argmax
+- **Output**: (N, {config.training.num_classes if config else 10}) scores (logits); the class is their argmax
 
 ## Load it
 

@@ -8,6 +8,7 @@ activations for deep learning with differential privacy", 2021).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 from collections.abc import Callable
@@ -125,10 +126,12 @@ def build_model(name: str, seed: int | None = None, num_classes: int = 10) -> nn
     """A fresh model by config name (a built-in one, or `package.module:factory`); with a seed,
     its initial weights are reproducible.
 
-    A factory's model is checked before any training: Opacus' `ModuleValidator` (BatchNorm,
-    for one, mixes examples and breaks per-sample gradients) and one forward pass of a
-    (2, 1, 28, 28) batch, which must give (2, num_classes) scores. Each failure is one line
-    that says what to change.
+    A factory's model is checked before any training, each failure one line that says what
+    to change: its state must be parameters only (a buffer a forward pass updates would be
+    released without DP-SGD's noise), one forward pass of a (2, 1, 28, 28) batch must give
+    (2, num_classes) scores, Opacus' `ModuleValidator` must accept it (BatchNorm, for one,
+    mixes examples and breaks per-sample gradients), and one private step must run, as
+    training will run it.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -160,11 +163,13 @@ def _check_custom(spec: str, model: nn.Module, num_classes: int) -> None:
     # Imported here: serving an exported model (`dpfl predict`) must not need Opacus.
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
+    parameters = {name for name, _ in model.named_parameters()}
+    other = [name for name in model.state_dict() if name not in parameters]
+    if other or any(type(m).get_extra_state is not nn.Module.get_extra_state for m in model.modules()):
         raise ConfigError(
-            f"model = {spec!r} cannot train with DP-SGD: {str(errors[0]).splitlines()[0]} "
-            "(replace BatchNorm with GroupNorm, or let opacus.validators.ModuleValidator.fix(model) do it in your factory)"
+            f"model = {spec!r} keeps state that is not a parameter ({', '.join(other) or 'extra state'}): "
+            "training could change it from the data without DP-SGD's noise, and it would be sent; "
+            "register fixed tensors with persistent=False, or drop them"
         )
     try:
         with torch.no_grad():
@@ -179,3 +184,37 @@ def _check_custom(spec: str, model: nn.Module, num_classes: int) -> None:
             f"model = {spec!r} gives scores of shape {tuple(scores.shape)} for 2 images; with "
             f"num-classes = {num_classes} it must give (2, {num_classes})"
         )
+    errors = ModuleValidator.validate(model, strict=False)  # after the forward pass: lazy layers exist now
+    if errors:
+        raise ConfigError(
+            f"model = {spec!r} cannot train with DP-SGD: {str(errors[0]).splitlines()[0]} "
+            "(replace BatchNorm with GroupNorm, or let opacus.validators.ModuleValidator.fix(model) do it in your factory)"
+        )
+    _private_step(spec, copy.deepcopy(model), num_classes)
+
+
+def _private_step(spec: str, model: nn.Module, num_classes: int) -> None:
+    """One DP-SGD step as training takes it, on a copy: what `ModuleValidator` does not catch
+    (a BatchNorm subclass, weights used outside their layer) fails here, before any budget is spent."""
+    from opacus import PrivacyEngine
+
+    images, labels = torch.zeros(2, 1, 28, 28), torch.arange(2) % num_classes
+    loader = torch.utils.data.DataLoader(TensorDataset(images, labels), batch_size=2)
+    try:
+        private, optimizer, criterion, loader = PrivacyEngine(accountant="prv").make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode="ghost",
+        )
+        for batch, targets in loader:
+            criterion(private(batch), targets).backward()
+            optimizer.step()
+    except Exception as err:  # Opacus' refusal or the model's failure, in the user's layers
+        raise ConfigError(
+            f"model = {spec!r} cannot train with DP-SGD: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None

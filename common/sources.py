@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SIZE = 28  # MNIST's side length: the models' input
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights of PIL's RGB -> 'L'
+#: PIL's RGB -> 'L' in integers: (19595 R + 38470 G + 7471 B + 32768) >> 16 (ITU-R 601 luma).
+LUMA = (19595, 38470, 7471)
 NPZ_FIX = "save it with numpy.savez(path, x=images, y=labels)"
 
 
@@ -109,9 +110,11 @@ def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     x is N×H×W or N×C×H×W with C 1 or 3, uint8 (or any integer type within 0..255) or
     float: floats within [0, 1] are scaled by 255, floats within [0, 255] taken as they
-    are, then rounded. Three channels become gray with ITU-R 601 luma weights, as PIL's 'L'
-    does, so an .npz and an image folder of the same pictures agree. Other sizes than 28x28
-    are resized with torch's bilinear interpolation with antialiasing (aspect ratio not kept).
+    are, then rounded. Three channels become gray with PIL's own integer luma formula, so an
+    .npz and an image folder of the same 28x28 pictures give the same bytes, hence the same
+    records. Other sizes are resized with torch's bilinear interpolation with antialiasing
+    (aspect ratio not kept), which can differ from PIL's resizing of the same file by a grey
+    level: the same picture resized two ways is two records.
     Loaded with allow_pickle=False: a data file must not run code.
     """
     if not path.is_file():
@@ -162,8 +165,9 @@ def _images(x: np.ndarray, path: Path) -> torch.Tensor:
     pixels = torch.from_numpy(x.astype(np.float32))
     if x.dtype.kind == "f" and high <= 1:
         pixels *= 255
-    if pixels.shape[1] == 3:
-        pixels = sum(weight * pixels[:, c : c + 1] for c, weight in enumerate(LUMA))
+    if pixels.shape[1] == 3:  # as PIL does it, on 8-bit values: the same picture, the same grey
+        rgb = pixels.round().clamp(0, 255).to(torch.int64)
+        pixels = ((sum(w * rgb[:, c : c + 1] for c, w in enumerate(LUMA)) + 32768) >> 16).to(torch.float32)
     if pixels.shape[2:] != (SIZE, SIZE):
         pixels = torch.nn.functional.interpolate(pixels, size=(SIZE, SIZE), mode="bilinear", antialias=True)
     return pixels.round_().clamp_(0, 255).to(torch.uint8)

@@ -90,7 +90,13 @@ class NodeConfig(FlatConfig):
         "this client's own data, used whole: folder:PATH or npz:PATH (or mnist); empty: its "
         "partition (partition-id of num-partitions) of the run's dataset",
     )
-    data_dir: str = option("", "this client's MNIST directory; empty means the run's")
+    num_classes: int = option(
+        0,
+        "how many classes this client's data has; declared, the run's num-classes is checked "
+        "against it rather than against the data (which a server could probe); 0: not declared",
+        low=0,
+    )
+    data_dir: str = option("", "this client's MNIST directory; empty means $DPFL_DATA_DIR (a simulation's: the run's)")
     ledger_dir: str = option(
         "",
         "directory of this client's privacy ledger, kept across runs; a real client refuses "

@@ -55,8 +55,10 @@ def record_ids(pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
     The raw bytes, not the normalised floats: a float rounded one way or another by a change
     of preprocessing must not turn spent records into fresh ones. Two records with equal
-    content get one id and so one history, which can only overcount; so can a (vanishingly
-    rare) collision of different records.
+    content get one id and so one history: across data sets that can only overcount, and
+    within one the client trains each id once (`client.training`), or a record sampled twice
+    per step would be charged once. A (vanishingly rare) collision of different records can
+    only overcount too. The label is part of the record: relabelled images are new records.
     """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"record ids are hashed from uint8 pixels, not {pixels.dtype}")

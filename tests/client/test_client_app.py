@@ -143,3 +143,14 @@ def test_a_train_reply_carries_only_what_the_dp_mechanism_covers(tiny_config, cl
     reply = app(train_message(tiny_config, 1), client_context())
     assert set(reply.content.keys()) == {ARRAYS_KEY, METRICS_KEY}
     assert set(reply.content[METRICS_KEY].keys()) == {NUM_EXAMPLES, EPSILON, "delta"}
+
+
+def test_a_failing_client_tells_the_server_only_that_it_failed(tiny_config, client_context, tmp_path):
+    """Flower would send an exception's message; a node config's error names a local path."""
+    secret = str(tmp_path / "patients" / "hiv-positive")
+    reply = app(train_message(tiny_config, 1), client_context(dataset=secret))  # `folder:` forgotten
+    assert not reply.has_error()
+    assert ARRAYS_KEY not in reply.content
+    assert reply.content[REFUSAL_KEY]["reason"] == "it failed during the round (see its log)"
+    assert math.isnan(reply.content[METRICS_KEY][EPSILON])  # unreadable: the server bounds it by the budget
+    assert "patients" not in repr(reply.content)

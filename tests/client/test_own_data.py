@@ -129,6 +129,7 @@ def factories(tmp_path, monkeypatch):
     (tmp_path / "user_models.py").write_text(
         textwrap.dedent(
             """
+            import torch
             from torch import nn
 
             def small():
@@ -145,6 +146,27 @@ def factories(tmp_path, monkeypatch):
 
             def not_a_module():
                 return "a string"
+
+            class Leaky(nn.Module):
+                # A buffer a forward pass fills from the data: it would travel without noise.
+
+                def __init__(self):
+                    super().__init__()
+                    self.linear = nn.Linear(784, 10)
+                    self.register_buffer("seen", torch.zeros(784))
+
+                def forward(self, x):
+                    self.seen = x.flatten(1).mean(0).detach()
+                    return self.linear(x.flatten(1))
+
+            def leaky():
+                return Leaky()
+
+            class Norm(nn.BatchNorm1d):
+                pass
+
+            def lazy_batchnorm():
+                return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.LazyBatchNorm1d(), nn.Linear(16, 10))
             """
         )
     )
@@ -165,7 +187,9 @@ def test_a_custom_model_trains_and_only_its_weights_travel(tiny_config, tmp_path
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ("user_models:batchnorm", "cannot train with DP-SGD: "),
+        ("user_models:batchnorm", "keeps state that is not a parameter (1.running_mean"),
+        ("user_models:leaky", "keeps state that is not a parameter (seen)"),
+        ("user_models:lazy_batchnorm", "keeps state that is not a parameter"),
         ("user_models:three_classes", "gives scores of shape (2, 3) for 2 images; with num-classes = 10 it must give (2, 10)"),
         ("user_models:colour_only", "does not accept the data's shape (N, 1, 28, 28)"),
         ("user_models:not_a_module", "returned a str, not a torch nn.Module"),
@@ -177,8 +201,58 @@ def test_a_custom_model_that_cannot_work_is_one_line_before_training(model, expe
     with pytest.raises(ConfigError) as err:
         build_model(model)
     assert expected in str(err.value) and "\n" not in str(err.value)
-    if model.endswith("batchnorm"):
-        assert "BatchNorm" in str(err.value) and "GroupNorm" in str(err.value)  # the layer and the fix
+
+
+def test_only_parameters_may_change_in_training(tiny_config):
+    from client.training import _check_only_parameters_moved
+    from common.errors import DpflError
+
+    model = torch.nn.BatchNorm1d(3)  # what a model that dodged the checks could hold
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(8, 3))  # training mode: the running statistics follow the data
+    with pytest.raises(DpflError, match="running_mean, running_var, num_batches_tracked, which are not parameters"):
+        _check_only_parameters_moved(model, model.state_dict(), before)
+
+
+def test_a_real_client_never_trains_on_a_path_the_server_proposes(tiny_config, digits, tmp_path):
+    images, labels = digits
+    folder = write_folder(tmp_path / "server-picked", images[:IMAGES], labels[:IMAGES])
+    run = run_config(tiny_config, dataset=f"folder:{folder}").for_clients()
+    mnist_client = NodeConfig.from_mapping({"partition-id": 0, "num-partitions": 2, "ledger-dir": str(tmp_path / "ledger"),
+                                            "target-epsilon": 4.0, "target-delta": 1e-5})
+    outcome = train_round(build_model("cnn").state_dict(), run, mnist_client, "probe")
+    assert outcome.refusal == "it cannot load its training data (see its log)" and outcome.state_dict is None
+    assert not (tmp_path / "ledger" / LEDGER_FILE).exists()
+
+
+def test_a_record_present_twice_is_trained_once(tiny_config, digits, tmp_path):
+    images, labels = digits
+    folder = write_folder(tmp_path / "mine", images[:IMAGES], labels[:IMAGES])
+    for path in list((folder / "3").glob("*.png"))[:5]:
+        shutil.copy(path, path.with_name(f"copy-{path.name}"))
+    run = run_config(tiny_config).for_clients()
+    outcome = train_round(build_model("cnn", seed=0).state_dict(), run, own_node(tmp_path, f"folder:{folder}"), "dup")
+    assert outcome.refusal is None and outcome.num_examples == IMAGES  # the five copies left out
+    assert sum(group["records"] for group in ledger(tmp_path)["groups"]) == IMAGES
+
+
+def test_a_delta_too_large_for_the_data_is_refused_without_its_size(tiny_config, digits, tmp_path):
+    images, labels = digits
+    folder = write_folder(tmp_path / "mine", images[:IMAGES], labels[:IMAGES])
+    # A run on users' own data sets: the server cannot check delta against sizes it does not know.
+    run = run_config(tiny_config, dataset="folder:/theirs", **{"target-delta": 0.01, "train-subset": 0}).for_clients()
+    outcome = train_round(build_model("cnn").state_dict(), run, own_node(tmp_path, f"folder:{folder}", **{"target-delta": 0.01}), "d")
+    assert outcome.refusal == "its delta is too large for its number of examples (see its log)"
+    assert str(IMAGES) not in outcome.refusal
+
+
+def test_declared_classes_are_compared_without_looking_at_the_data(tiny_config, digits, tmp_path):
+    images, labels = digits
+    folder = write_folder(tmp_path / "mine", images[:IMAGES], labels[:IMAGES])
+    run = run_config(tiny_config, **{"num-classes": 12}, model="cnn").for_clients()
+    node = own_node(tmp_path, f"folder:{folder}", **{"num-classes": 10})
+    outcome = train_round(build_model("cnn", num_classes=12).state_dict(), run, node, "c")
+    assert outcome.refusal == "it holds 10 classes, not num-classes = 12"
 
 
 @pytest.mark.slow

@@ -271,7 +271,7 @@ def test_the_default_model_exports_whole_and_its_exports_agree(scatnet_run, test
 def test_the_model_card_says_what_the_model_is_and_its_loading_lines_work(scatnet_run, test_set):
     run_dir, model, _ = scatnet_run
     card = (run_dir / MODEL_CARD_FILE).read_text()
-    for fact in ("ScatterNet, 39,700 trained parameters", "60,000 MNIST training images, split into 4 client shards (iid)",
+    for fact in ("ScatterNet, 39,700 trained parameters", "60,000 MNIST training images, cut into 4 client shards (iid)", "clients released only model updates noised by DP-SGD",
                  "(ε = 1.992, δ = 1e-05)-differential privacy per example", "accountant prv", "97.31 % on mnist-test", "(N, 1, 28, 28)"):
         assert fact in card, fact
     # The card's TorchScript lines, run as a user would: without any dpfl code importable.
