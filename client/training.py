@@ -143,14 +143,13 @@ def _training_data(run: ClientRunConfig, node: NodeConfig, simulated: bool) -> T
     """
     if node.dataset:
         return load_dataset(node.dataset, resolve_data_dir(node.data_dir))
-    if simulated:
-        return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(node.data_dir or run.data.data_dir))
-    if run.data.dataset != MNIST:
+    if not simulated and run.data.dataset != MNIST:
         raise DataError(
             f"the run proposes dataset = {run.data.dataset!r}; a real client trains only on what its own "
             "node config names (dataset = ...) or on its MNIST partition"
         )
-    return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(node.data_dir))
+    data_dir = node.data_dir or (run.data.data_dir if simulated else "")
+    return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(data_dir))
 
 
 def _label_refusal(labels: torch.Tensor, classes: int, node: NodeConfig) -> str | None:

@@ -171,6 +171,7 @@ def export_model(
     """
     path = model_path(source)
     model = load_model(path)
+    config = _run_config(path.parent)
     out = (out_dir or path.parent).resolve()
     out.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
@@ -187,10 +188,10 @@ def export_model(
         files.append(out / ONNX_FILE)
         if _installed("onnxruntime"):
             runtimes["onnxruntime"] = _onnxruntime_call(out / ONNX_FILE, example)
-            if int8 and _run_config(path.parent).evaluation.eval_dataset == NO_EVALUATION:
+            if int8 and config.evaluation.eval_dataset == NO_EVALUATION:
                 notes.append("int8 skipped: the run has no evaluation set (eval-dataset = none) to check its accuracy on")
             elif int8:
-                kept, accuracy, note = _int8_variant(out / ONNX_FILE, out / INT8_ONNX_FILE, path.parent)
+                kept, accuracy, note = _int8_variant(out / ONNX_FILE, out / INT8_ONNX_FILE, config)
                 notes.append(note)
                 if kept:
                     files.append(out / INT8_ONNX_FILE)
@@ -200,7 +201,8 @@ def export_model(
     if int8 and "onnxruntime" not in runtimes:
         notes.append("int8 skipped: it needs onnx, onnxscript and onnxruntime (pip install dpfl[export])")
     parameters = sum(p.numel() for p in model.parameters())
-    write_model_card(out / MODEL_CARD_FILE, path.parent, type(model).__name__, parameters, [f.name for f in files[1:]])
+    known = config if (path.parent / CONFIG_FILE).is_file() else None
+    write_model_card(out / MODEL_CARD_FILE, path.parent, known, type(model).__name__, parameters, [f.name for f in files[1:]])
     return ExportReport(
         out_dir=out,
         parameters=parameters,
@@ -226,7 +228,7 @@ def _trace(model: nn.Module, example: torch.Tensor, path: Path) -> torch.jit.Scr
     return traced
 
 
-def _int8_variant(onnx_file: Path, int8_file: Path, run_dir: Path) -> tuple[bool, dict[str, float], str]:
+def _int8_variant(onnx_file: Path, int8_file: Path, config: RunConfig) -> tuple[bool, dict[str, float], str]:
     """Quantise the linear layers' weights to int8 and keep the file only if accuracy holds."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -235,7 +237,7 @@ def _int8_variant(onnx_file: Path, int8_file: Path, run_dir: Path) -> tuple[bool
     # shape pre-processing goes to the root logger; it concerns static quantisation.
     with _without_root_warnings():
         quantize_dynamic(str(onnx_file), str(int8_file), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
-    images, labels = _test_set(run_dir)
+    images, labels = _test_set(config)
     accuracy = {
         "onnxruntime": _onnx_accuracy(onnx_file, images, labels),
         "onnxruntime int8": _onnx_accuracy(int8_file, images, labels),
@@ -258,9 +260,8 @@ def _without_root_warnings() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _test_set(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _test_set(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """The run's evaluation set (`eval-dataset`) as the model takes it."""
-    config = _run_config(run_dir)
     test = load_dataset(config.evaluation.eval_dataset, resolve_data_dir(config.data.data_dir))
     return test.tensors[0].numpy(), test.tensors[1].numpy()
 
@@ -284,10 +285,13 @@ def _what_left(config: RunConfig, summary: dict | None) -> str:
     return "clients released only model updates noised by DP-SGD."
 
 
-def write_model_card(path: Path, run_dir: Path, architecture: str, parameters: int, files: list[str]) -> None:
-    """`model-card.md`: data, privacy guarantee and unit, accuracy, input format, how to load it."""
-    config_file, summary_file = run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE
-    config = RunConfig.from_mapping(load_toml(config_file)) if config_file.is_file() else None
+def write_model_card(
+    path: Path, run_dir: Path, config: RunConfig | None, architecture: str, parameters: int, files: list[str]
+) -> None:
+    """`model-card.md`: data, privacy guarantee and unit, accuracy, input format, how to load it.
+
+    `config` is the run's (None when its config.toml was not beside the model)."""
+    summary_file = run_dir / SUMMARY_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     if config is None:
         data = "unknown: the run's config.toml was not beside the model"
