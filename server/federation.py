@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from common.protocol import RUN_KEY
 from common.privacy.central import CentralLedger
 from server.central_dp import central_dp
 from server.plots import plot_run
+from server.progress import ReplyProgress
 from server.results import SUMMARY_FILE, RoundRow, RunDirectory
 from server.secure_aggregation import run_secure_aggregation
 from server.strategy import BudgetExhausted, LedgerAwareFedAvg
@@ -92,6 +94,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(evaluated, test_set) if test_set is not None else (math.nan, math.nan)
         if server_round > 0:
+            round_started = run_dir.rows[-1].seconds if run_dir.rows else 0.0
             epsilon, delta = privacy_spent()
             row = RoundRow(
                 round=done + server_round,
@@ -106,7 +109,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
                 seconds=run_dir.elapsed(),
             )
             run_dir.record_round(
-                row, model.state_dict(), client_level.history if client_level else None
+                row, model.state_dict(), client_level.history if client_level else None, strategy.client_rows()
             )
             if strategy.round_unreported and client_level is None:
                 log.warning(
@@ -119,18 +122,20 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
                     config.privacy.target_epsilon,
                     describe_epsilon(row.epsilon),
                 )
+            # The terminal's one line per round; loss, delta and the client counts are in rounds.csv.
             log.info(
-                "round %d/%d  %s  %s epsilon %s  delta %.0e  %.1f s",
+                "round %d/%d: %s, %s %s, %.1f s",
                 row.round,
                 federation.num_server_rounds,
-                f"accuracy {100 * accuracy:.2f}%  loss {loss:.4f}" if test_set is not None else "no central evaluation",
-                privacy_unit,
+                f"test accuracy {100 * accuracy:.2f}%" if test_set is not None else "no central evaluation",
+                "client-level epsilon" if central else "epsilon",
                 describe_epsilon(row.epsilon),
-                row.delta,
-                row.seconds,
+                row.seconds - round_started,
             )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    if sys.stderr.isatty():  # a person watches: show the round in flight
+        grid = ReplyProgress(grid, lambda: f"round {run_dir.completed_rounds + 1}/{federation.num_server_rounds}")
     stop_reason = None
     # SecAgg+ runs the same rounds through Flower's legacy workflow, booked by the same strategy.
     start = partial(run_secure_aggregation, config, strategy) if config.secagg.secure_aggregation else started.start

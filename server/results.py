@@ -6,12 +6,23 @@ clients plan their noise under). Only then is the row appended to `rounds.csv` a
 model copied to `model.pt`. A server killed at any instant therefore leaves a checkpoint
 that is complete up to some round, and resuming rewrites `rounds.csv` from it: no row is
 duplicated or lost, whatever the kill interrupted.
+
+`clients.csv` says what became of each client sent a round (trained, refused, rejected or
+unreported), with what it released: its number of examples, its cumulative epsilon and delta,
+and a refusal's reason. Its rows are appended *before* the checkpoint, and a resume drops
+those of rounds the checkpoint does not hold, so they too match the rounds exactly.
+
+While a server process has the run open it holds an exclusive lock on `server.lock`; the
+operating system releases it when the process ends, however it ends, and the server when it
+writes `summary.json`. A reader (the dashboard) that finds the lock held knows the run is
+live; a run without a summary whose lock is free has died.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -35,6 +46,16 @@ log = logging.getLogger(__name__)
 ROUNDS_FILE = "rounds.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGERS_DIR = "ledgers"
+CLIENTS_FILE = "clients.csv"
+LOCK_FILE = "server.lock"
+
+#: A client's outcome in a round, the `outcome` column of `clients.csv`.
+TRAINED, REFUSED, REJECTED, UNREPORTED = "trained", "refused", "rejected", "unreported"
+CLIENT_COLUMNS = ("round", "client", "examples", "epsilon", "delta", "outcome", "reason")
+#: How long a server waits for `server.lock` (a dashboard probes it for an instant).
+LOCK_WAIT_SECONDS = 2.0
+#: Locks this process holds, by run directory: a resume in the same process shares the lock.
+_held_locks: dict[Path, int] = {}
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,29 @@ class RoundRow:
 _NOT_KEPT_BEFORE: dict[str, Any] = {"clients_unreported": 0}
 
 
+@dataclass(frozen=True)
+class ClientRow:
+    """One client's part in one round: a line of `clients.csv` without its round number.
+
+    Only what the client released may appear: `examples` (public by assumption), its
+    cumulative `epsilon` and `delta` (None where they could not be read), and for a refusal
+    the reason it sent. A rejection's or a missing reply's `reason` is the server's own.
+    """
+
+    client: int
+    outcome: str
+    examples: int | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    reason: str = ""
+
+    def cells(self, server_round: int) -> list[Any]:
+        """The CSV line, one physical line: a reason's control characters become spaces."""
+        reason = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in self.reason)
+        optional = ["" if value is None else value for value in (self.examples, self.epsilon, self.delta)]
+        return [server_round, self.client, *optional, self.outcome, reason]
+
+
 class RunDirectory:
     """`<output-dir>/<timestamp>-<name>/` and the files in it.
 
@@ -100,6 +144,7 @@ class RunDirectory:
         self.central_history = central_history or []
         # A resumed run's clock continues where its last completed round left it.
         self.started = time.monotonic() - (rows[-1].seconds if rows else 0.0)
+        _hold_lock(path)
 
     @classmethod
     def create(
@@ -140,6 +185,7 @@ class RunDirectory:
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(config.to_flat()).encode())
         run_dir._save_checkpoint()
         run_dir._write_rounds()
+        run_dir._write_clients([])
         log.info("run directory: %s", path)
         return run_dir
 
@@ -172,6 +218,7 @@ class RunDirectory:
             )
         run_dir = cls(path, config, run_key, rows, model, central_history)
         run_dir._write_rounds()
+        run_dir._write_clients(run_dir._clients_lines())
         log.info("resuming %s after round %d of %d", path, len(rows), config.federation.num_server_rounds)
         return run_dir
 
@@ -187,8 +234,17 @@ class RunDirectory:
         row: RoundRow,
         model: dict[str, torch.Tensor],
         central_history: list[tuple[float, float, int]] | None = None,
+        clients: list[ClientRow] | None = None,
     ) -> None:
-        """Make a finished round durable: checkpoint first, then the row and `model.pt`."""
+        """Make a finished round durable: its clients' rows, the checkpoint, then the row and `model.pt`.
+
+        `clients` are the round's `ClientRow`s (none when the caller does not know them).
+        """
+        if clients:
+            with (self.path / CLIENTS_FILE).open("a", newline="") as f:
+                csv.writer(f).writerows(client.cells(row.round) for client in clients)
+                f.flush()
+                os.fsync(f.fileno())
         self.rows.append(row)
         self.model = model
         self.central_history = central_history or []
@@ -200,7 +256,11 @@ class RunDirectory:
         atomic_write(self.path / MODEL_FILE, _torch_bytes(model))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write `summary.json`: the run is over, so its lock is released."""
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        fd = _held_locks.pop(self.path, None)
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the lock
 
     def _save_checkpoint(self) -> None:
         checkpoint = {
@@ -217,6 +277,52 @@ class RunDirectory:
         writer.writerow([field.name.replace("_", "-") for field in fields(RoundRow)])
         writer.writerows(asdict(row).values() for row in self.rows)
         atomic_write(self.path / ROUNDS_FILE, text.getvalue().encode())
+
+    def _clients_lines(self) -> list[list[str]]:
+        """The rows of `clients.csv` for rounds the checkpoint holds; torn or later rows are dropped."""
+        try:
+            with (self.path / CLIENTS_FILE).open(newline="") as f:
+                text = f.read()
+        except FileNotFoundError:  # written by a version without it
+            return []
+        complete = text[: text.rfind("\n") + 1]  # a line cut by a kill ends without a newline
+        kept = []
+        for cells in list(csv.reader(io.StringIO(complete)))[1:]:
+            if len(cells) == len(CLIENT_COLUMNS) and cells[0].isdigit() and int(cells[0]) <= len(self.rows):
+                kept.append(cells)
+        return kept
+
+    def _write_clients(self, lines: list[list[str]]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(CLIENT_COLUMNS)
+        writer.writerows(lines)
+        atomic_write(self.path / CLIENTS_FILE, text.getvalue().encode())
+
+
+def _hold_lock(path: Path) -> None:
+    """Hold `server.lock` of `path` for this process: it tells readers the run is live.
+
+    A second process cannot: two servers appending to one run directory would interleave
+    their rows. The dashboard's probe holds a shared lock for an instant, so a short wait.
+    """
+    if path in _held_locks:
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise DpflError(
+                    f"{path} is in use by another server process (it holds {LOCK_FILE}); "
+                    "let that run finish or stop it first"
+                ) from None
+            time.sleep(0.05)
+    _held_locks[path] = fd
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -19,6 +19,10 @@ may release (the number of examples is public by assumption, epsilon and delta a
 accountant's). Anything else a client adds, such as an older client's training loss, is
 computed from private data outside the DP mechanism; it is dropped unread, never
 aggregated, logged or written to the results.
+
+For `clients.csv` the strategy also keeps, per round, what became of each client sent the
+round (`client_rows`): trained, refused (with the reason it sent), rejected (with the
+server's reason) or unreported, and the released metrics it could read.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from common.protocol import (
     NUM_EXAMPLES,
     REFUSAL_KEY,
 )
+from server.results import REFUSED, REJECTED, TRAINED, UNREPORTED, ClientRow
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +193,7 @@ class LedgerAwareFedAvg(FedAvg):
         self._reported: set[int] = set()  # this round's readable epsilons came from these
         self._unreported_before: set[int] = set()  # unreported in an earlier round
         self._extras_logged: set[int] = set()
+        self._outcomes: dict[int, ClientRow] = {}  # this round's, by node
 
     @property
     def round_unreported(self) -> set[int]:
@@ -219,10 +225,22 @@ class LedgerAwareFedAvg(FedAvg):
         bound = [self.target_delta] if self.unreported_nodes else []
         return max([self.spent_delta, *self.delta_by_node.values(), *bound])
 
+    def client_rows(self) -> list[ClientRow]:
+        """What became of every client sent this round's train instruction, by node id.
+
+        A client whose reply never came (or came as an error) is unreported: it may have
+        paid for the round, and the server cannot say how much.
+        """
+        rows = dict(self._outcomes)
+        for node in self._instructed - rows.keys():
+            rows[node] = ClientRow(node, UNREPORTED, reason="no reply")
+        return [rows[node] for node in sorted(rows)]
+
     def begin_round(self, arrays: ArrayRecord, connected_nodes: set[int]) -> None:
         """Fix what this round's replies are checked against; every workflow calls it before sending."""
         self._unreported_before |= self.round_unreported
         self._instructed, self._reported = set(), set()
+        self._outcomes = {}
         self.connected_nodes = connected_nodes
         self.global_arrays = arrays
         self.last_round = TrainRound()  # a round that aggregates nothing leaves it so
@@ -284,16 +302,39 @@ class LedgerAwareFedAvg(FedAvg):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
+                # Flower's error text may describe the client's machine: it is logged, not published.
+                self._outcomes[node] = ClientRow(node, UNREPORTED, reason="its reply was an error")
                 continue
             self._book_privacy(node, reply.content)
             problem = reply_problem(reply.content, self.global_arrays)
             if problem is not None:
                 self._rejected += 1
                 log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
+                self._outcomes[node] = self._client_row(node, reply.content, REJECTED, problem)
                 continue
+            if REFUSAL_KEY in reply.content:
+                reason = str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS]
+                self._outcomes[node] = self._client_row(node, reply.content, REFUSED, reason)
+            else:
+                self._outcomes[node] = self._client_row(node, reply.content, TRAINED, "")
             self._keep_released_metrics(server_round, reply)
             kept.append(reply)
         return kept
+
+    @staticmethod
+    def _client_row(node: int, content: RecordDict, outcome: str, reason: str) -> ClientRow:
+        """A reply's released metrics, those that are readable, as a `clients.csv` row."""
+        metrics = content.metric_records.get(METRICS_KEY)
+        examples = _number(metrics.get(NUM_EXAMPLES)) if metrics is not None else None
+        privacy = reported_privacy(content)
+        return ClientRow(
+            node,
+            outcome,
+            examples=int(examples) if examples is not None and math.isfinite(examples) else None,
+            epsilon=privacy[0] if privacy else None,
+            delta=privacy[1] if privacy else None,
+            reason=reason,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

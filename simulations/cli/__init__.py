@@ -21,10 +21,10 @@ from typing import NoReturn
 
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations.cli import audit, bench, certs, config, export, ledger, plan, predict, simulate, sweep, tune
+from simulations.cli import audit, bench, certs, config, dashboard, export, ledger, plan, predict, simulate, sweep, tune
 
 #: In the order `dpfl --help` lists them.
-COMMANDS = (simulate, config, export, predict, certs, plan, ledger, sweep, audit, bench, tune)
+COMMANDS = (simulate, config, export, predict, certs, plan, ledger, sweep, audit, bench, tune, dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_logging()
-    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; Ray's root handler would repeat them
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; Opacus' root handler would repeat them
     try:
         return args.handler(args)
     except DpflError as err:

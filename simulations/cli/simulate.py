@@ -3,6 +3,10 @@
 `dpfl simulate [--preset NAME] [--set key=value ...]` runs a preset (by default the default
 run, the schema's defaults); `--resume RUN_DIR` continues an interrupted run with its own config. The engine (Flower, Ray, torch) is
 imported only when the command runs.
+
+The terminal shows the run directory, a bar of the round in flight, one line per round,
+the warnings that bear on privacy and a summary; Flower's, Ray's and the libraries' own
+output goes to `run.log` in the run directory, and `--verbose` shows it as well.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 from pathlib import Path
 
 from common.errors import DpflError
+from common.logs import RUN_LOG_FILE
 from simulations.presets import add_config_arguments, load_preset
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue an interrupted run from its last completed round, with its own config",
     )
+    sim.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Flower's, Ray's and the libraries' own output (the run directory's run.log keeps it anyway)",
+    )
     sim.set_defaults(handler=_cmd_simulate)
 
 
@@ -36,14 +46,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.engine import resume, simulate
 
     if args.resume is None:
-        summary = simulate(load_preset(args.preset, args.set))
+        summary = simulate(load_preset(args.preset, args.set), verbose=args.verbose)
     elif args.preset is not None or args.set:
         raise DpflError("--resume continues a run with the config it started with; drop --preset and --set")
     else:
-        summary = resume(args.resume)
+        summary = resume(args.resume, verbose=args.verbose)
     accuracy = summary["test-accuracy"]
     log.info(
-        "done: %d/%d rounds, test accuracy %s, epsilon %s (delta %.0e), %.1f s -> %s",
+        "done: %d/%d rounds, test accuracy %s, epsilon %s (delta %.0e), %.1f s -> %s (full log: %s)",
         summary["rounds-completed"],
         summary["rounds-planned"],
         f"{100 * accuracy:.2f}%" if accuracy is not None else "n/a",
@@ -51,5 +61,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         summary["delta"],
         summary["wall-seconds"],
         summary["run-dir"],
+        RUN_LOG_FILE,
     )
     return 0

@@ -131,7 +131,7 @@ def test_without_an_evaluation_set_the_run_says_so(tiny_config, dpfl_logs):
     summary = run_federation(ScriptedGrid({1: sound(0.5), 2: sound(0.7)}), RunDirectory.create(config))
     assert summary["evaluation"] == "none" and summary["test-accuracy"] is None and summary["test-loss"] is None
     assert summary["rounds-completed"] == 2 and summary["epsilon"] == pytest.approx(0.7)
-    assert "round 2/2  no central evaluation" in dpfl_logs.text
+    assert "round 2/2: no central evaluation" in dpfl_logs.text
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path):
