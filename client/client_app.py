@@ -58,7 +58,9 @@ def train(msg: Message, context: Context) -> Message:
         global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
     try:
         node = NodeConfig.from_mapping(context.node_config)
-        outcome = train_round(global_state, run, node, run_key, simulated=running_in_simulation())
+        outcome = train_round(
+            global_state, run, node, run_key, simulated=running_in_simulation(), node_id=context.node_id
+        )
     except Exception:  # Flower would send its message, which may name local paths or counts
         log.exception("this client failed the round; the server is told only that it failed")
         # An epsilon the server cannot read: it bounds this client by the run's budget.

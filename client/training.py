@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from client.ledger import LedgerFile, ledger_directory
 from common.config import ClientRunConfig, NodeConfig, check_delta
-from common.config.rules import MNIST
+from common.canaries import gradient_canaries, mislabelled_canaries
+from common.config.rules import MNIST, MNIST_TEST
+from common.config.sections import GRADIENT_CANARY, MISLABELLED_CANARY
 from common.data import client_shard, load_dataset, raw_pixels, resolve_data_dir, tensor_loader
 from common.errors import ConfigError, DataError, DpflError
 from common.model import build_model, fixed_features, split
@@ -82,6 +84,7 @@ def train_round(
     node: NodeConfig,
     run_key: str,
     simulated: bool = False,
+    node_id: int = 0,
 ) -> RoundOutcome:
     """Train on this client's data for one round of run `run_key`, unless the ledger forbids it.
 
@@ -91,8 +94,14 @@ def train_round(
     the labels, the model) is checked before the round is charged to the ledger, and the
     charge comes before training, so an update is never released without having been paid
     for. A refusal's reason leaves the client: it names no file, class or count.
+
+    An audit run (`canaries` > 0) adds the canaries this client holds (`common.canaries`;
+    gradient canaries are keyed by `node_id`, Flower's id of this node); a real client
+    refuses it: it trains its own data and nothing a server adds.
     """
     delta = run.privacy.target_delta
+    if run.audit.canaries and not simulated:
+        return RoundOutcome(None, 0, math.nan, delta, "this is an audit run with canaries; a real client never trains them")
     try:
         shard = _training_data(run, node, simulated)
     except DataError as err:  # its message names local paths: they stay here
@@ -124,7 +133,12 @@ def train_round(
 
     trainable, inputs = _training_inputs(model, shard, data_key, directory)
     plan = charge.plan
-    taken = dp_train(trainable, inputs, plan, run)
+    canaries = None
+    if run.audit.canaries and run.audit.canary_kind == GRADIENT_CANARY:
+        size = sum(parameter.numel() for parameter in trainable.parameters())
+        held = gradient_canaries(run.audit, run.seed, node_id, node.num_partitions, size)
+        canaries = held.coordinates[held.included]
+    taken = dp_train(trainable, inputs, plan, run, canaries)
     if taken != ((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),):
         raise DpflError(
             f"DP-SGD ran {taken} but the ledger was charged {plan.steps_per_round} steps at noise "
@@ -148,8 +162,21 @@ def _training_data(run: ClientRunConfig, node: NodeConfig, simulated: bool) -> T
             f"the run proposes dataset = {run.data.dataset!r}; a real client trains only on what its own "
             "node config names (dataset = ...) or on its MNIST partition"
         )
-    data_dir = node.data_dir or (run.data.data_dir if simulated else "")
-    return client_shard(run.data, run.seed, node.partition_id, node.num_partitions, resolve_data_dir(data_dir))
+    data_dir = resolve_data_dir(node.data_dir or (run.data.data_dir if simulated else ""))
+    shard = client_shard(run.data, run.seed, node.partition_id, node.num_partitions, data_dir)
+    if run.audit.canaries and run.audit.canary_kind == MISLABELLED_CANARY:
+        return _with_mislabelled_canaries(shard, run, node, data_dir)
+    return shard
+
+
+def _with_mislabelled_canaries(shard: TensorDataset, run: ClientRunConfig, node: NodeConfig, data_dir: Path) -> TensorDataset:
+    """The shard and the mislabelled canaries this partition holds that are in: records like any other."""
+    test = load_dataset(MNIST_TEST, data_dir)
+    canaries = mislabelled_canaries(run.audit, run.seed, node.num_partitions, test.tensors[1].numpy(), run.training.num_classes)
+    held = canaries.held_by(node.partition_id)
+    images = test.tensors[0][torch.from_numpy(canaries.images[held])]
+    labels = torch.from_numpy(canaries.labels[held]).to(shard.tensors[1].dtype)
+    return TensorDataset(torch.cat([shard.tensors[0], images]), torch.cat([shard.tensors[1], labels]))
 
 
 def _label_refusal(labels: torch.Tensor, classes: int, node: NodeConfig) -> str | None:
@@ -344,7 +371,9 @@ def _stored_features(path: Path, count: int) -> torch.Tensor | None:
     return features if isinstance(features, torch.Tensor) and len(features) == count else None
 
 
-def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: ClientRunConfig) -> History:
+def dp_train(
+    model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: ClientRunConfig, canaries: np.ndarray | None = None
+) -> History:
     """DP-SGD over `shard` for the configured local epochs; returns the steps Opacus accounted.
 
     Poisson sampling, per-sample clipping and Gaussian noise come from Opacus, with the
@@ -359,6 +388,10 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: Clien
     gradient norm without materialising the per-sample gradients, then backpropagates the
     loss reweighted by the clipping factors: the same flat clipping and noise as the hooks
     mode, at a fraction of the cost.
+
+    `canaries` (an audit run's) are flat coordinates of `model`'s parameters: each is one
+    more example, whose gradient is the clipping norm along that coordinate
+    (`_add_gradient_canaries`).
     """
     training = run.training
     generator = torch.Generator()
@@ -379,6 +412,7 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: Clien
         grad_sample_mode="ghost",
         noise_generator=generator,
     )
+    parameters = list(model.parameters())
     private_model.train()
     epochs = tqdm(
         range(training.local_epochs), desc="local epochs", leave=False, disable=not sys.stderr.isatty()
@@ -387,5 +421,33 @@ def dp_train(model: nn.Module, shard: TensorDataset, plan: NoisePlan, run: Clien
         for images, labels in private_loader:
             optimizer.zero_grad(set_to_none=True)
             criterion(private_model(images), labels).backward()
+            if canaries is not None:
+                _add_gradient_canaries(parameters, canaries, plan.sample_rate, run.privacy.max_grad_norm, generator)
             optimizer.step()
     return tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
+
+
+def _add_gradient_canaries(
+    parameters: list[nn.Parameter], coordinates: np.ndarray, rate: float, clip: float, generator: torch.Generator
+) -> None:
+    """Put this step's sample of gradient canaries into the sum of clipped gradients, before the noise.
+
+    With ghost clipping, `p.grad` holds the sum of the batch's clipped per-example gradients
+    after the backward pass; the optimizer's step then adds noise and divides by the expected
+    batch size. Each canary joins the step's Poisson sample at the data's rate, and its
+    gradient, `clip` along its coordinate, is clipped as Opacus clips one (by
+    min(1, clip / (norm + 1e-6))) and added like an example's: one more record, no more.
+    """
+    sampled = coordinates[torch.rand(len(coordinates), generator=generator).numpy() < rate]
+    value = clip * min(1.0, clip / (clip + 1e-6))
+    offset = 0
+    for parameter in parameters:
+        size = parameter.numel()
+        mine = sampled[(sampled >= offset) & (sampled < offset + size)] - offset
+        if len(mine):
+            if parameter.grad is None:  # an empty Poisson batch leaves no gradient
+                parameter.grad = torch.zeros_like(parameter)
+            parameter.grad.view(-1).index_add_(
+                0, torch.from_numpy(mine), torch.full((len(mine),), value, dtype=parameter.grad.dtype)
+            )
+        offset += size

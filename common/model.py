@@ -110,6 +110,16 @@ def split(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.T
     return model, None
 
 
+def trainable_keys(model: nn.Module) -> list[str]:
+    """State-dict names of the parameters `split(model)` trains, in the trained module's order.
+
+    Client and server name the trained coordinates alike with them: the flat vector of these
+    tensors, concatenated in this order, is what an audit's gradient canaries index.
+    """
+    trainable = {id(parameter) for parameter in split(model)[0].parameters()}
+    return [name for name, parameter in model.named_parameters() if id(parameter) in trainable]
+
+
 def fixed_features(model: nn.Module, dataset: TensorDataset) -> TensorDataset:
     """`dataset` as the module that `split(model)` trains sees it: its inputs through the fixed
     transform, in half precision as every party keeps features (loaders and `evaluate` hand

@@ -345,6 +345,11 @@ def audit_run(run_dir: Path, data_dir: Path | None = None) -> AuditReport:
             "run's outputs/<timestamp>-<name>/"
         )
     config = RunConfig.from_mapping(load_toml(run_dir / CONFIG_FILE))
+    if config.audit.canaries:
+        raise DpflError(
+            f"{run_dir} is an audit run (canaries = {config.audit.canaries}): its audit is the canary "
+            f"audit in its {AUDIT_FILE}; the loss-threshold attack is for runs on real data"
+        )
     summary = _read_summary(run_dir / SUMMARY_FILE)
     accountant_epsilon, delta = _privacy_spent(summary, run_dir / SUMMARY_FILE)
     if config.evaluation.eval_dataset == NO_EVALUATION:

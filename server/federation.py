@@ -161,6 +161,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         "rounds-completed": len(rows),
         "stopped-early": stop_reason,
         "evaluation": evaluation,
+        "audit-canaries": config.audit.canaries,  # > 0: an audit run, its canaries in its clients' training
         "test-accuracy": rows[-1].test_accuracy if rows and test_set is not None else None,
         "test-loss": rows[-1].test_loss if rows and test_set is not None else None,
         "dp-mode": config.privacy.dp_mode,

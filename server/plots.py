@@ -90,3 +90,33 @@ def plot_label_distribution(run_dir: Path, config: RunConfig, data_dir: Path) ->
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+CANARY_PLOT = "canary-scores.png"
+
+
+def plot_canary_scores(run_dir: Path, in_scores: np.ndarray, out_scores: np.ndarray, audit: dict) -> Path:
+    """The audit's scores of canaries that were in training against those that were not.
+
+    Under DP the two histograms overlap; the further apart they are, the more the training
+    reveals of a single record. The title carries the verdict from `audit.json`.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    both = np.concatenate([in_scores, out_scores])
+    bins = np.linspace(both.min(), both.max(), 40) if both.size and both.min() < both.max() else 10
+    ax.hist(out_scores, bins=bins, alpha=0.6, label=f"out ({len(out_scores)})", color="tab:blue")
+    ax.hist(in_scores, bins=bins, alpha=0.6, label=f"in ({len(in_scores)})", color="tab:red")
+    ax.set_xlabel("canary score (higher: more likely in)")
+    ax.set_ylabel("canaries")
+    accountant = audit["accountant-epsilon"]
+    ax.set_title(
+        f"{audit['attack']} audit: epsilon >= {audit['empirical-epsilon-lower-bound']:.2f} "
+        f"({audit['confidence']:.0%}), accountant "
+        + (f"{accountant:.2f}" if accountant is not None else "inf (non-private)"),
+        fontsize="medium",
+    )
+    ax.legend()
+    path = run_dir / CANARY_PLOT
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.canaries import refuse_unaudited
 from common.config import RunConfig
 from common.logs import enable_logging
 from server.federation import run_federation
@@ -17,4 +18,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config from `pyproject.toml` / `--run-config`, then run."""
     enable_logging()
-    run_federation(grid, RunDirectory.create(RunConfig.from_mapping(context.run_config)))
+    config = RunConfig.from_mapping(context.run_config)
+    refuse_unaudited(config.audit)
+    run_federation(grid, RunDirectory.create(config))

@@ -20,7 +20,10 @@ from common.errors import DpflError
 from common.logs import RUN_LOG_FILE, RunLog
 
 if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl plan` fast
+    from collections.abc import Callable
+
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid
 
     from server.results import RunDirectory
 
@@ -49,11 +52,13 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 def simulate(
     config: RunConfig,
     client_app: ClientApp | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run one federated simulation in this process and return its summary.
 
-    `client_app` replaces dpfl's own ClientApp (tests use it to bring in faulty clients).
+    `client_app` replaces dpfl's own ClientApp (tests use it to bring in faulty clients);
+    `wrap_grid` wraps the server's Grid (an audit run's auditor watches the updates through it).
     The run directory also gets `label-distribution.png`, each simulated client's labels, and
     `run.log`, everything the run logged; `verbose` shows the libraries' output on the
     terminal too.
@@ -77,7 +82,7 @@ def simulate(
         # The simulation cuts the partition itself, so it may draw it. `flwr run .` against real
         # SuperNodes goes to run_federation directly and never does: their data is their own.
         plot_label_distribution(run_dir.path, run_dir.config, data_dir)
-        return _run_simulation(run_dir, run_log, client_app)
+        return _run_simulation(run_dir, run_log, client_app, wrap_grid)
 
 
 def resume(path: Path, client_app: ClientApp | None = None, verbose: bool = False) -> dict[str, Any]:
@@ -86,9 +91,14 @@ def resume(path: Path, client_app: ClientApp | None = None, verbose: bool = Fals
     from server.results import RunDirectory
 
     run_dir = RunDirectory.resume(path)
+    if run_dir.config.audit.canaries:
+        raise DpflError(
+            f"{path} is an audit run: its auditor watched the rounds from the process that stopped, "
+            "so it cannot go on; start a new one with dpfl audit --canaries"
+        )
     with _run_log(run_dir, verbose) as run_log:
         ensure_mnist(resolve_data_dir(run_dir.config.data.data_dir))
-        return _run_simulation(run_dir, run_log, client_app)
+        return _run_simulation(run_dir, run_log, client_app, wrap_grid)
 
 
 def _run_log(run_dir: RunDirectory, verbose: bool) -> RunLog:
@@ -101,6 +111,7 @@ def _run_simulation(
     run_dir: RunDirectory,
     run_log: RunLog,
     client_app: ClientApp | None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> dict[str, Any]:
     """Run the simulation; then its workers' output goes to run.log, its privacy warnings to the summary."""
     from flwr.app import Context
@@ -117,7 +128,7 @@ def _run_simulation(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            summaries.append(run_federation(grid, run_dir))
+            summaries.append(run_federation(wrap_grid(grid) if wrap_grid else grid, run_dir))
         finally:  # Flower shuts Ray down after the ServerApp returns: ask Ray where its workers write while it runs
             ray_logs.append(_ray_logs_dir())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.canaries import refuse_unaudited
 from common.config import RunConfig, load_toml, parse_overrides
 from common.errors import ConfigError
 
@@ -36,10 +37,16 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """A preset (the schema's default run for None) with `key=value` overrides applied, validated."""
+    """A preset (the schema's default run for None) with `key=value` overrides applied, validated.
+
+    No command takes canaries from a preset or `--set`: only `dpfl audit --canaries` adds
+    them, to a run it then audits (`simulations.audit.audit_config`).
+    """
     values = load_toml(preset_path(name)) if name is not None else {}
     values.update(parse_overrides(overrides or []))
-    return RunConfig.from_mapping(values)
+    config = RunConfig.from_mapping(values)
+    refuse_unaudited(config.audit)
+    return config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

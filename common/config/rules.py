@@ -9,8 +9,10 @@ from pathlib import Path
 
 from common.config.sections import (
     BUILT_IN_MODELS,
+    MISLABELLED_CANARY,
     SECAGG_MODULUS,
     TRAIN_SET_SIZE,
+    AuditConfig,
     CentralConfig,
     DataConfig,
     EvaluationConfig,
@@ -26,6 +28,8 @@ MNIST, FOLDER, NPZ = "mnist", "folder", "npz"
 MNIST_TEST, NO_EVALUATION = "mnist-test", "none"
 #: A run's name becomes a directory name inside output-dir: no separators, no leading dot.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Number of images in the MNIST test set, where mislabelled canaries come from.
+TEST_SET_SIZE = 10_000
 #: `package.module:factory`
 MODEL_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -179,6 +183,35 @@ def _check_secure_aggregation(
             f"secagg-quantization-range = {levels} is invalid: the masked sum of {sampled} clients "
             f"would wrap around the 2**32 modulus; must be at most {(SECAGG_MODULUS - 1) // sampled}"
         )
+
+
+def check_audit(
+    audit: AuditConfig,
+    federation: FederationConfig,
+    data: DataConfig,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    secagg: SecureAggregationConfig,
+) -> None:
+    """An audit run audits per-example DP-SGD on simulated clients, each holding its own canaries."""
+    if not audit.canaries:
+        return
+    clients = federation.num_clients
+    reasons = [
+        (privacy.dp_mode == "central", "dp-mode = central (canaries audit the clients' DP-SGD; use dp-mode = local)"),
+        (secagg.secure_aggregation, "secure-aggregation = true (the auditor scores each client's own update)"),
+        (audit.canaries % clients != 0, f"num-clients = {clients} (each client holds canaries / num-clients of them: use a multiple)"),
+        (audit.canaries < 2 * clients, f"num-clients = {clients} (at least 2 canaries per client)"),
+    ]
+    if audit.canary_kind == MISLABELLED_CANARY:
+        reasons += [
+            (data.dataset != MNIST, f"dataset = {data.dataset!r} (mislabelled canaries are MNIST test images: use mnist)"),
+            (audit.canaries > TEST_SET_SIZE, f"the {TEST_SET_SIZE} MNIST test images (use at most that many)"),
+            (training.num_classes < 2, f"num-classes = {training.num_classes} (a wrong label needs two classes)"),
+        ]
+    for failed, reason in reasons:
+        if failed:
+            raise ConfigError(f"canaries = {audit.canaries} cannot be combined with {reason}")
 
 
 def check_delta(delta: float, shard_size: int) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config.options import FlatConfig, option, section
-from common.config.rules import check_client, check_run, data_source, total_train_examples
+from common.config.rules import check_audit, check_client, check_run, data_source, total_train_examples
 from common.config.sections import (
+    AuditConfig,
     CentralConfig,
     DataConfig,
     EvaluationConfig,
@@ -34,6 +35,7 @@ class ClientRunConfig(FlatConfig):
     data: DataConfig = section(DataConfig)
     training: TrainingConfig = section(TrainingConfig)
     privacy: PrivacyConfig = section(PrivacyConfig)
+    audit: AuditConfig = section(AuditConfig)
 
     def check(self) -> None:
         check_client(self.data, self.training, self.privacy)
@@ -53,15 +55,19 @@ class RunConfig(FlatConfig):
     central: CentralConfig = section(CentralConfig)
     evaluation: EvaluationConfig = section(EvaluationConfig)
     secagg: SecureAggregationConfig = section(SecureAggregationConfig)
+    audit: AuditConfig = section(AuditConfig)
 
     def check(self) -> None:
         check_run(
             self.name, self.federation, self.data, self.training, self.privacy, self.central, self.evaluation, self.secagg
         )
+        check_audit(self.audit, self.federation, self.data, self.training, self.privacy, self.secagg)
 
     def for_clients(self) -> ClientRunConfig:
         """The part of this run a client uses: what the server sends it each round."""
-        return ClientRunConfig(self.seed, self.federation.num_server_rounds, self.data, self.training, self.privacy)
+        return ClientRunConfig(
+            self.seed, self.federation.num_server_rounds, self.data, self.training, self.privacy, self.audit
+        )
 
     def total_train_examples(self) -> int | None:
         """How many training images are split among the clients (held-out validation excluded);

@@ -214,3 +214,30 @@ class SecureAggregationConfig:
         "round times this must stay below the 2**32 mask modulus",
         low=2,
     )
+
+
+#: The canary kinds of a one-run audit: a per-example gradient, or a mislabelled test image.
+GRADIENT_CANARY, MISLABELLED_CANARY = "gradient", "mislabelled"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Canaries of a one-run privacy audit (`dpfl audit --canaries`); none in any other run.
+
+    A client is sent this section so that a simulated one can insert its canaries, and a
+    real one can refuse: it never trains anything but its own data.
+    """
+
+    canaries: int = option(
+        0,
+        "audit runs only (dpfl audit --canaries M): canaries inserted into the simulated "
+        "clients' DP-SGD, each with probability 1/2; 0 in every other run",
+        low=0,
+    )
+    canary_kind: str = option(
+        GRADIENT_CANARY,
+        "gradient: an extra per-example gradient at a random model coordinate, scored from "
+        "every update the server receives (white-box); mislabelled: a test image with a wrong "
+        "label, scored by the final model's loss (black-box)",
+        choices=(GRADIENT_CANARY, MISLABELLED_CANARY),
+    )

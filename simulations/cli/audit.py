@@ -1,12 +1,19 @@
-"""`dpfl audit`: attack a run's final model and put what the attack proves next to the guarantee.
+"""`dpfl audit`: what an attack proves about a run's privacy, next to what its accountant claims.
 
-The attack (members against non-members) tests replace-one neighbours, so its lower bound is
-set against the replace-one upper bound derived from the run's accounting, not against the
-accountant's add/remove epsilon, which is printed too (`server.audit`, "Like with like").
+Two audits:
 
-`register` adds the command to the `dpfl` parser; the work lives in `server.audit`,
-imported only when the command runs: it loads torch and Opacus, which would otherwise slow
-every other command's start-up (`dpfl plan` above all).
+- `dpfl audit --canaries M [--preset P] [--set k=v ...] [--white-box | --black-box]` runs an
+  audit federation (`simulations.audit`: the simulation `dpfl simulate` runs, with M canaries
+  in the clients' DP-SGD) and the one-run canary audit (`server.canary_audit`): an epsilon
+  lower bound at 95 % confidence for the add/remove neighbours the accountant bounds, so a
+  bound above the accountant's epsilon proves a privacy bug.
+- `dpfl audit RUN_DIR` attacks a trained run's final model with the loss threshold. It tests
+  replace-one neighbours, so its lower bound is set against the replace-one upper bound
+  derived from the run's accounting, not against the accountant's add/remove epsilon
+  (`server.audit`, "Like with like").
+
+`register` adds the command to the `dpfl` parser; the work is imported only when it runs:
+torch and Opacus would otherwise slow every other command's start-up (`dpfl plan` above all).
 """
 
 from __future__ import annotations
@@ -16,8 +23,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.errors import DpflError
+from simulations.presets import add_config_arguments, load_preset
+
 if TYPE_CHECKING:
     from server.audit import AuditReport
+    from server.canary_audit import CanaryAuditReport
 
 READING = (
     "The attack tells training images from test images, so it tests replace-one neighbours "
@@ -35,21 +46,97 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Register `audit` on the `dpfl` sub-command parser."""
     audit = commands.add_parser(
         "audit",
-        help="membership-inference attack on a run's final model: AUC, TPR at low FPR and the "
-        "empirical (replace-one) epsilon lower bound next to the replace-one upper bound "
-        "derived from the accountant",
+        help="one-run canary audit of a fresh audit federation (--canaries M), or a "
+        "membership-inference attack on a finished run's final model (RUN_DIR)",
     )
-    audit.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's directory")
+    audit.add_argument(
+        "run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="a finished run's directory (loss-threshold attack)"
+    )
     audit.add_argument(
         "--data-dir",
         type=Path,
         metavar="DIR",
-        help="MNIST directory, if not the run's data-dir (e.g. the run was moved)",
+        help="with RUN_DIR: MNIST directory, if not the run's data-dir (e.g. the run was moved)",
     )
-    audit.set_defaults(handler=_cmd_audit)
+    audit.add_argument(
+        "--canaries",
+        type=int,
+        metavar="M",
+        help="run an audit federation with M canaries (a multiple of num-clients) and audit it in one run",
+    )
+    add_config_arguments(audit)
+    kind = audit.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--white-box",
+        dest="canary_kind",
+        action="store_const",
+        const="gradient",
+        help="gradient canaries scored from every update the server receives (the default; tightest)",
+    )
+    kind.add_argument(
+        "--black-box",
+        dest="canary_kind",
+        action="store_const",
+        const="mislabelled",
+        help="mislabelled test images scored by the final model's loss",
+    )
+    audit.set_defaults(handler=_cmd_audit, canary_kind=None)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.canaries is not None:
+        if args.run_dir is not None or args.data_dir is not None:
+            raise DpflError("--canaries runs a new audit federation: drop RUN_DIR and --data-dir (set data-dir with --set)")
+        return _canary_audit(args)
+    if args.preset is not None or args.set or args.canary_kind is not None:
+        raise DpflError("--preset, --set, --white-box and --black-box go with --canaries M; RUN_DIR is audited with its own config")
+    if args.run_dir is None:
+        raise DpflError("give a finished run's directory (dpfl audit RUN_DIR) or --canaries M for a one-run canary audit")
+    return _loss_threshold_audit(args)
+
+
+def _canary_audit(args: argparse.Namespace) -> int:
+    from common.privacy.accounting import describe_epsilon
+    from simulations.audit import audit_config, run_canary_audit
+
+    config = audit_config(load_preset(args.preset, args.set), args.canaries, args.canary_kind or "gradient")
+    report, run_dir = run_canary_audit(config)
+    result = report.to_json()
+    rows = [
+        ("audit", f"{result['attack']}, {config.audit.canary_kind} canaries"),
+        ("canaries (in)", f"{report.bound.canaries} ({result['canaries-in']})"),
+        ("guesses, correct", f"{report.bound.guesses}, {report.bound.correct}"),
+        (f"empirical epsilon lower bound ({report.bound.confidence:.0%})", f"{report.bound.epsilon:.3f}"),
+        ("largest these canaries can certify", f"{report.ceiling:.3f}"),
+        ("accountant epsilon, add/remove", describe_epsilon(report.accountant_epsilon)),
+        ("delta", f"{report.delta:g}"),
+        ("seconds", f"{report.seconds:.1f}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"one-run canary audit of {run_dir}")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    print(_canary_verdict(report))
+    print(f"wrote {run_dir / 'audit.json'} and {run_dir / 'canary-scores.png'}")
+    return 0
+
+
+def _canary_verdict(report: CanaryAuditReport) -> str:
+    """One line: what the bound says about the accountant's epsilon."""
+    if math.isinf(report.accountant_epsilon):
+        return "Non-private run: no guarantee to contradict; the bound shows what the canaries can see."
+    if report.contradicts_accountant:
+        return (
+            "THE LOWER BOUND IS ABOVE THE ACCOUNTANT'S EPSILON: the training or its accounting "
+            "does not give the privacy it reports."
+        )
+    return (
+        "The lower bound is at or below the accountant's epsilon, as correct DP-SGD guarantees "
+        "(a bound far below it says the canaries are weak, not that the training is more private)."
+    )
+
+
+def _loss_threshold_audit(args: argparse.Namespace) -> int:
     from server.audit import AUDIT_FILE, audit_run
 
     report = audit_run(args.run_dir, args.data_dir)

@@ -64,3 +64,29 @@ def test_noise_and_sampling_do_not_follow_torchs_global_seed(tiny_config):
         dp_train(model, data, plan, run)
         updates.append(model.weight.detach().clone())
     assert not torch.equal(updates[0], updates[1])
+
+
+def test_gradient_canaries_are_one_more_clipped_example_each(tiny_config):
+    """At sampling rate 1 every canary joins the step: the update gains clip / (expected batch) at its coordinate."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 20), torch.randint(0, 10, (64,)))
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 10))
+    twin = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 10))
+    twin.load_state_dict(model.state_dict())
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    clip = 0.05
+    run = dataclasses.replace(
+        tiny_config,
+        training=dataclasses.replace(tiny_config.training, batch_size=len(data), local_epochs=1, learning_rate=1.0, momentum=0.0),
+        privacy=dataclasses.replace(tiny_config.privacy, max_grad_norm=clip),
+    )
+    plan = plan_noise("test", PrivacyBudget(math.inf, 1e-5), {()}, "prv", len(data), len(data), 1, 1)
+    canaries = torch.tensor([3, 320, 500]).numpy()  # in the first weight, the first bias and the last layer
+    dp_train(model, data, plan, run, canaries)
+    dp_train(twin, data, plan, run)
+    with_canaries = before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    without = before - torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
+    difference = with_canaries - without
+    expected = torch.zeros_like(difference)
+    expected[canaries] = clip * min(1.0, clip / (clip + 1e-6)) / len(data)
+    torch.testing.assert_close(difference, expected, rtol=1e-4, atol=1e-7)
