@@ -98,7 +98,7 @@ def resume(path: Path, client_app: ClientApp | None = None, verbose: bool = Fals
         )
     with _run_log(run_dir, verbose) as run_log:
         ensure_mnist(resolve_data_dir(run_dir.config.data.data_dir))
-        return _run_simulation(run_dir, run_log, client_app, wrap_grid)
+        return _run_simulation(run_dir, run_log, client_app)
 
 
 def _run_log(run_dir: RunDirectory, verbose: bool) -> RunLog:
