@@ -12,11 +12,14 @@ import importlib
 import logging
 import os
 import re
+import secrets
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig
-from common.errors import DpflError
+from common.config.sections import FederationConfig
+from common.errors import ConfigError, DpflError
 from common.logs import RUN_LOG_FILE, RunLog
 
 if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl plan` fast
@@ -54,6 +57,7 @@ def simulate(
     client_app: ClientApp | None = None,
     wrap_grid: Callable[[Grid], Grid] | None = None,
     verbose: bool = False,
+    ray_address: str = "",
 ) -> dict[str, Any]:
     """Run one federated simulation in this process and return its summary.
 
@@ -61,12 +65,14 @@ def simulate(
     `wrap_grid` wraps the server's Grid (an audit run's auditor watches the updates through it).
     The run directory also gets `label-distribution.png`, each simulated client's labels, and
     `run.log`, everything the run logged; `verbose` shows the libraries' output on the
-    terminal too.
+    terminal too. `ray_address` (HOST:PORT) runs the clients on that Ray cluster instead of
+    a Ray instance of the run's own on this machine (docs/multi-node.md).
     """
     from common.data import ensure_mnist, resolve_data_dir
     from server.plots import plot_label_distribution
     from server.results import RunDirectory
 
+    _check_backend(config.federation, ray_address)
     config = _absolute_paths(config)
     data_dir = resolve_data_dir(config.data.data_dir)
     ensure_mnist(data_dir)  # fail before Ray starts, not inside it
@@ -82,15 +88,18 @@ def simulate(
         # The simulation cuts the partition itself, so it may draw it. `flwr run .` against real
         # SuperNodes goes to run_federation directly and never does: their data is their own.
         plot_label_distribution(run_dir.path, run_dir.config, data_dir)
-        return _run_simulation(run_dir, run_log, client_app, wrap_grid)
+        return _run_simulation(run_dir, run_log, client_app, wrap_grid, ray_address)
 
 
-def resume(path: Path, client_app: ClientApp | None = None, verbose: bool = False) -> dict[str, Any]:
+def resume(
+    path: Path, client_app: ClientApp | None = None, verbose: bool = False, ray_address: str = ""
+) -> dict[str, Any]:
     """Continue an interrupted simulation from its run directory's last checkpoint; its run.log goes on."""
     from common.data import ensure_mnist, resolve_data_dir
     from server.results import RunDirectory
 
     run_dir = RunDirectory.resume(path)
+    _check_backend(run_dir.config.federation, ray_address)
     if run_dir.config.audit.canaries:
         raise DpflError(
             f"{path} is an audit run: its auditor watched the rounds from the process that stopped, "
@@ -98,7 +107,7 @@ def resume(path: Path, client_app: ClientApp | None = None, verbose: bool = Fals
         )
     with _run_log(run_dir, verbose) as run_log:
         ensure_mnist(resolve_data_dir(run_dir.config.data.data_dir))
-        return _run_simulation(run_dir, run_log, client_app)
+        return _run_simulation(run_dir, run_log, client_app, ray_address=ray_address)
 
 
 def _run_log(run_dir: RunDirectory, verbose: bool) -> RunLog:
@@ -112,6 +121,7 @@ def _run_simulation(
     run_log: RunLog,
     client_app: ClientApp | None,
     wrap_grid: Callable[[Grid], Grid] | None = None,
+    ray_address: str = "",
 ) -> dict[str, Any]:
     """Run the simulation; then its workers' output goes to run.log, its privacy warnings to the summary."""
     from flwr.app import Context
@@ -122,7 +132,7 @@ def _run_simulation(
     from server.federation import run_federation
 
     summaries: list[dict[str, Any]] = []
-    ray_logs: list[Path | None] = []
+    ray_logs: list[WorkerLogs | None] = []
     server_app = ServerApp()
 
     @server_app.main()
@@ -130,22 +140,16 @@ def _run_simulation(
         try:
             summaries.append(run_federation(wrap_grid(grid) if wrap_grid else grid, run_dir))
         finally:  # Flower shuts Ray down after the ServerApp returns: ask Ray where its workers write while it runs
-            ray_logs.append(_ray_logs_dir())
+            ray_logs.append(_ray_worker_logs(on_cluster=bool(ray_address)))
 
+    if ray_address:
+        _join_cluster(run_dir.config, ray_address, run_log.verbose)
     try:
         run_simulation(
             server_app=server_app,
             client_app=client_app or dpfl_client_app,
             num_supernodes=run_dir.config.federation.num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                # Ray prints its workers' output on the terminal only when verbose; run.log gets it either way.
-                "init_args": {
-                    "num_cpus": os.cpu_count() or 1,
-                    "include_dashboard": False,
-                    "log_to_driver": run_log.verbose,
-                },
-            },
+            backend_config=_backend_config(run_dir.config.federation, ray_address, run_log.verbose),
         )
     finally:
         _copy_worker_output(run_log, ray_logs[0] if ray_logs else None)
@@ -161,10 +165,111 @@ def _run_simulation(
     return summary
 
 
-def _ray_logs_dir() -> Path | None:
+def _check_backend(federation: FederationConfig, ray_address: str) -> None:
+    """Fail in one line, before a run directory exists, where the clients could not run.
+
+    Ray itself would retry an unreachable cluster for a minute and end in a traceback; a TCP
+    connect to its GCS port tells at once. On this machine alone, a client asking for more
+    CPUs than it has would leave Flower's actor pool empty.
+    """
+    cpus = federation.client_num_cpus
+    if not ray_address:
+        if cpus > (available := os.cpu_count() or 1):
+            raise ConfigError(
+                f"client-num-cpus = {cpus:g} is more than this machine's {available} CPUs, so no "
+                "client could run; lower it, or give --ray-address of a cluster with bigger nodes"
+            )
+        return
+    host, _, port = ray_address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--ray-address {ray_address!r} is not HOST:PORT (the address `ray start --head` "
+            "prints, e.g. 10.0.0.5:6379)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise DpflError(
+            f"no Ray cluster answers at {ray_address} ({err.strerror or err}): start one with "
+            f"`ray start --head --port {port}` on its head node and `ray start --address "
+            f"{ray_address}` on every other node (docs/multi-node.md), or leave out --ray-address "
+            "to run on this machine alone"
+        ) from None
+
+
+def _join_cluster(config: RunConfig, ray_address: str, verbose: bool) -> None:
+    """Connect to the cluster (Flower's backend then uses this connection) and check its storage.
+
+    Every node must see the run's ledger directory, the same files at the same path: a client
+    scheduled on a node that cannot would open a fresh ledger of its own there, and the
+    records' budget would be counted per node instead of once. A zero-CPU task pinned to each
+    node looks for a marker the driver just wrote, and for the data directory.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray.init(address=ray_address, log_to_driver=verbose)
+    ledger_dir, data_dir = Path(config.privacy.ledger_dir), Path(config.data.data_dir)
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    marker = ledger_dir / f"cluster-check-{secrets.token_hex(8)}"
+    marker.write_text(marker.name)
+    try:
+        sees = ray.remote(num_cpus=0)(_sees_storage)
+        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        checks = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker), str(data_dir))
+            for node in nodes
+        ]
+        blind = [node for node, ok in zip(nodes, ray.get(checks)) if not ok]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        ray.shutdown()  # disconnects this driver only; the cluster keeps running
+        raise DpflError(
+            f"{len(blind)} of the cluster's {len(nodes)} nodes cannot see the ledger directory "
+            f"{ledger_dir} or the data directory {data_dir}; a client there would keep a ledger of "
+            "its own and the budget would not hold: mount both on shared storage at the same path "
+            "on every node (docs/multi-node.md)"
+        )
+
+
+def _sees_storage(marker: str, data_dir: str) -> bool:
+    """On one node: are the driver's marker file and the data directory there?"""
+    return Path(marker).is_file() and Path(data_dir).is_dir()
+
+
+def _backend_config(federation: FederationConfig, ray_address: str, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend settings: each client's CPUs from the config, and which Ray runs them.
+
+    Without an address the run starts a Ray instance of its own on all this machine's CPUs
+    (address "local": never a cluster that `ray start` or RAY_ADDRESS left around, which would
+    refuse num_cpus). With one it joins that cluster as a driver; its nodes declared their
+    CPUs at `ray start`, so Ray refuses num_cpus, and Flower's `ray.shutdown()` at the end
+    only disconnects: the cluster keeps running. Ray prints its workers' output on the
+    terminal only when verbose; run.log gets it either way.
+    """
+    if ray_address:
+        init_args: dict[str, Any] = {"address": ray_address}
+    else:
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    return {
+        "client_resources": {"num_cpus": federation.client_num_cpus, "num_gpus": 0.0},
+        "init_args": {**init_args, "log_to_driver": verbose},
+    }
+
+
+#: Where Ray's workers on this machine write (their session's log directory), and the job
+#: whose workers are this run's: None when the whole session is the run's own.
+WorkerLogs = tuple[Path, str | None]
+
+
+def _ray_worker_logs(on_cluster: bool) -> WorkerLogs | None:
     """Where the running Ray session keeps its workers' stdout and stderr; None if Ray is not running.
 
-    Ray has no public call for it, hence its private node object, checked for.
+    Ray has no public call for the directory, hence its private node object, checked for.
+    On a cluster it is this machine's node's, and holds every job's workers: this run's are
+    those of the driver's job.
     """
     import ray
 
@@ -174,26 +279,39 @@ def _ray_logs_dir() -> Path | None:
     if node is None or not hasattr(node, "get_logs_dir_path"):
         log.warning("this Ray does not say where its workers log: the clients' own output is not in run.log")
         return None
-    return Path(node.get_logs_dir_path())
+    job = ray.get_runtime_context().get_job_id() if on_cluster else None
+    return Path(node.get_logs_dir_path()), job
 
 
-def _copy_worker_output(run_log: RunLog, logs: Path | None) -> None:
+def _copy_worker_output(run_log: RunLog, logs: WorkerLogs | None) -> None:
     """Log what the Ray workers wrote (Flower's ClientApps run in them) into run.log.
 
     The driver no longer prints it (`log_to_driver`). Ray keeps it in one file per worker
     and stream, `worker-<id>-<job>-<pid>.out|.err`, in the session's log directory, which
-    outlives the session; every run has a session of its own (Flower starts Ray for the
-    run and shuts it down at its end, which also ends the workers), so all of it is this run's.
+    outlives the session. A run without a cluster has a session of its own (Flower starts
+    Ray for the run and shuts it down at its end, which also ends the workers), so all of it
+    is this run's. On a cluster only the files of this run's job count (a worker serves one
+    job, and says which in its first lines), and only this machine's: the other nodes keep
+    their workers' output in their own session directories.
     """
     if logs is None:
         return
-    files = [path for path in logs.glob("worker-*-*") if path.suffix in (".out", ".err")]
+    directory, job = logs
+    files = [path for path in directory.glob("worker-*-*") if path.suffix in (".out", ".err")]
     for path in sorted(files, key=lambda path: (_worker_pid(path), path.suffix)):
         lines = path.read_text(errors="replace").splitlines()
+        if job is not None and f":job_id:{job}" not in lines:
+            continue
         text = "\n".join(line for line in lines if not _RAY_MARKER.match(line))
         if text.strip():
             stream = "stderr" if path.suffix == ".err" else "stdout"
             run_log.add_worker_output(f"Ray worker pid {_worker_pid(path)}, {stream}", text)
+    if job is not None:
+        log.info(
+            "run.log has the output of this machine's Ray workers only; the other nodes keep "
+            "theirs in <their Ray temp dir>/session_latest/logs/worker-*-%s-*.out|.err",
+            job,
+        )
 
 
 def _worker_pid(path: Path) -> int:

@@ -47,6 +47,14 @@ class FederationConfig:
         low=0.0,
         low_open=True,
     )
+    client_num_cpus: float = option(
+        1.0,
+        "CPUs Ray reserves for each simulated client, so a Ray node with n CPUs trains n / this "
+        "clients at once (dpfl's simulation engine; `flwr run` takes client-resources-num-cpus "
+        "from its federation config instead)",
+        low=0.0,
+        low_open=True,
+    )
 
 
 @dataclass(frozen=True)

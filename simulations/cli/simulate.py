@@ -1,8 +1,9 @@
 """`dpfl simulate`: run a preset with the simulation engine (`simulations.engine`).
 
 `dpfl simulate [--preset NAME] [--set key=value ...]` runs a preset (by default the default
-run, the schema's defaults); `--resume RUN_DIR` continues an interrupted run with its own config. The engine (Flower, Ray, torch) is
-imported only when the command runs.
+run, the schema's defaults); `--resume RUN_DIR` continues an interrupted run with its own config;
+`--ray-address HOST:PORT` runs the clients on a Ray cluster (docs/multi-node.md) instead of
+this machine alone. The engine (Flower, Ray, torch) is imported only when the command runs.
 
 The terminal shows the run directory, a bar of the round in flight, one line per round,
 the warnings that bear on privacy and a summary; Flower's, Ray's and the libraries' own
@@ -34,6 +35,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="continue an interrupted run from its last completed round, with its own config",
     )
     sim.add_argument(
+        "--ray-address",
+        default="",
+        metavar="HOST:PORT",
+        help="run the clients on an existing Ray cluster: its head's address, as `ray start --head` "
+        "prints it; run dpfl on a node of that cluster (each client takes client-num-cpus of a node's CPUs)",
+    )
+    sim.add_argument(
         "--verbose",
         action="store_true",
         help="also show Flower's, Ray's and the libraries' own output (the run directory's run.log keeps it anyway)",
@@ -46,11 +54,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.engine import resume, simulate
 
     if args.resume is None:
-        summary = simulate(load_preset(args.preset, args.set), verbose=args.verbose)
+        config = load_preset(args.preset, args.set)
+        summary = simulate(config, verbose=args.verbose, ray_address=args.ray_address)
     elif args.preset is not None or args.set:
         raise DpflError("--resume continues a run with the config it started with; drop --preset and --set")
     else:
-        summary = resume(args.resume, verbose=args.verbose)
+        summary = resume(args.resume, verbose=args.verbose, ray_address=args.ray_address)
     accuracy = summary["test-accuracy"]
     log.info(
         "done: %d/%d rounds, test accuracy %s, epsilon %s (delta %.0e), %.1f s -> %s (full log: %s)",
