@@ -28,17 +28,17 @@ from common.errors import ConfigError
 _CONTENT, _MEMBERSHIP = 1, 2
 
 
-def refuse_unaudited(audit: AuditConfig) -> None:
+def refuse_unaudited(canaries: object) -> None:
     """Canaries belong in a run someone audits: elsewhere they only perturb training, unlabelled."""
-    if audit.canaries:
+    if canaries not in (0, "0", None):
         raise ConfigError(
-            f"canaries = {audit.canaries} makes an audit run; run it with `dpfl audit --canaries "
-            f"{audit.canaries}`, which inserts and scores them, or set canaries = 0"
+            f"canaries = {canaries} makes an audit run; run it with `dpfl audit --canaries "
+            f"{canaries}`, which inserts and scores them, or set canaries = 0"
         )
 
 
-def _stream(seed: int, *words: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *words])
+def _stream(seed: int, audit: AuditConfig, *words: int) -> np.random.Generator:
+    return np.random.default_rng([seed, audit.canary_seed, *words])
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def gradient_canaries(audit: AuditConfig, seed: int, node_id: int, num_clients: 
     count = audit.canaries // num_clients
     if count > size:
         raise ValueError(f"{count} gradient canaries per client need as many coordinates; the model trains {size}")
-    coordinates = _stream(seed, _CONTENT, node_id).choice(size, size=count, replace=False)
-    included = _stream(seed, _MEMBERSHIP, node_id).random(count) < 0.5
+    coordinates = _stream(seed, audit, _CONTENT, node_id).choice(size, size=count, replace=False)
+    included = _stream(seed, audit, _MEMBERSHIP, node_id).random(count) < 0.5
     return GradientCanaries(coordinates, included)
 
 
@@ -77,10 +77,10 @@ def mislabelled_canaries(
     audit: AuditConfig, seed: int, num_clients: int, true_labels: np.ndarray, num_classes: int
 ) -> MislabelledCanaries:
     """Test images (by index into `true_labels`, the test set's labels) with a label that is wrong."""
-    content = _stream(seed, _CONTENT)
+    content = _stream(seed, audit, _CONTENT)
     images = content.choice(len(true_labels), size=audit.canaries, replace=False)
     shift = content.integers(1, num_classes, size=audit.canaries)  # never 0: always a wrong label
     labels = (np.asarray(true_labels)[images] + shift) % num_classes
     holders = np.arange(audit.canaries) % num_clients
-    included = _stream(seed, _MEMBERSHIP).random(audit.canaries) < 0.5
+    included = _stream(seed, audit, _MEMBERSHIP).random(audit.canaries) < 0.5
     return MislabelledCanaries(images, labels, holders, included)

@@ -114,9 +114,15 @@ class ClientRow:
 
     def cells(self, server_round: int) -> list[Any]:
         """The CSV line, one physical line: a reason's control characters become spaces."""
-        reason = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in self.reason)
+        reason = one_line(self.reason)
         optional = ["" if value is None else value for value in (self.examples, self.epsilon, self.delta)]
         return [server_round, self.client, *optional, self.outcome, reason]
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines, terminal escapes) made spaces: safe for one CSV
+    cell or one log line, whoever wrote it (a client's refusal reason comes off the network)."""
+    return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 class RunDirectory:
@@ -258,6 +264,10 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write `summary.json`: the run is over, so its lock is released."""
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        self.release()
+
+    def release(self) -> None:
+        """Let go of `server.lock`: this process no longer works on the run (it finished or failed)."""
         fd = _held_locks.pop(self.path, None)
         if fd is not None:
             os.close(fd)  # closing the only descriptor releases the lock

@@ -18,6 +18,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config from `pyproject.toml` / `--run-config`, then run."""
     enable_logging()
-    config = RunConfig.from_mapping(context.run_config)
-    refuse_unaudited(config.audit)
-    run_federation(grid, RunDirectory.create(config))
+    refuse_unaudited(context.run_config.get("canaries", 0))
+    run_federation(grid, RunDirectory.create(RunConfig.from_mapping(context.run_config)))

@@ -45,7 +45,7 @@ from common.protocol import (
     NUM_EXAMPLES,
     REFUSAL_KEY,
 )
-from server.results import REFUSED, REJECTED, TRAINED, UNREPORTED, ClientRow
+from server.results import REFUSED, REJECTED, TRAINED, UNREPORTED, ClientRow, one_line
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class LedgerAwareFedAvg(FedAvg):
                 self._outcomes[node] = self._client_row(node, reply.content, REJECTED, problem)
                 continue
             if REFUSAL_KEY in reply.content:
-                reason = str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS]
+                reason = one_line(str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS])
                 self._outcomes[node] = self._client_row(node, reply.content, REFUSED, reason)
             else:
                 self._outcomes[node] = self._client_row(node, reply.content, TRAINED, "")
@@ -349,7 +349,7 @@ class LedgerAwareFedAvg(FedAvg):
                     "round %d: client node %d refused to train: %s",
                     server_round,
                     node,
-                    str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS],
+                    one_line(str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS]),
                 )
             else:
                 trained.append(reply)

@@ -11,6 +11,7 @@ and real clients refuse its rounds.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +39,22 @@ def audit_config(config: RunConfig, canaries: int, kind: str) -> RunConfig:
             f"ledger-dir = {config.privacy.ledger_dir!r}: an audit run keeps its ledgers in its own run directory; unset it"
         )
     name = config.name if config.name.startswith(AUDIT_PREFIX) else AUDIT_PREFIX + config.name
-    values = {**config.to_flat(), "name": name, "canaries": canaries, "canary-kind": kind}
-    return RunConfig.from_mapping(values)
+    # A fresh draw of which canaries are in, so that a second audit is a second trial.
+    draw = secrets.randbits(31)
+    values = {**config.to_flat(), "name": name, "canaries": canaries, "canary-kind": kind, "canary-seed": draw}
+    audit = RunConfig.from_mapping(values)
+    if kind == GRADIENT_CANARY:
+        from common.model import build_model, trainable_keys
+
+        model = build_model(audit.training.model, num_classes=audit.training.num_classes)
+        size = sum(model.state_dict()[key].numel() for key in trainable_keys(model))
+        per_client = canaries // audit.federation.num_clients
+        if per_client > size:
+            raise ConfigError(
+                f"--canaries {canaries} puts {per_client} gradient canaries on each client, but each needs a "
+                f"coordinate of its own and model = {audit.training.model!r} trains {size}; use fewer"
+            )
+    return audit
 
 
 def run_canary_audit(config: RunConfig, client_app: ClientApp | None = None) -> tuple[CanaryAuditReport, Path]:

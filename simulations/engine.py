@@ -17,6 +17,8 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock, Timeout
+
 from common.config import RunConfig
 from common.config.sections import FederationConfig
 from common.errors import ConfigError, DpflError
@@ -88,7 +90,10 @@ def simulate(
         # The simulation cuts the partition itself, so it may draw it. `flwr run .` against real
         # SuperNodes goes to run_federation directly and never does: their data is their own.
         plot_label_distribution(run_dir.path, run_dir.config, data_dir)
-        return _run_simulation(run_dir, run_log, client_app, wrap_grid, ray_address)
+        try:
+            return _run_simulation(run_dir, run_log, client_app, wrap_grid, ray_address)
+        finally:  # a failed run must not look live while this process goes on (a notebook, a sweep)
+            run_dir.release()
 
 
 def resume(
@@ -107,7 +112,10 @@ def resume(
         )
     with _run_log(run_dir, verbose) as run_log:
         ensure_mnist(resolve_data_dir(run_dir.config.data.data_dir))
-        return _run_simulation(run_dir, run_log, client_app, ray_address=ray_address)
+        try:
+            return _run_simulation(run_dir, run_log, client_app, ray_address=ray_address)
+        finally:
+            run_dir.release()
 
 
 def _run_log(run_dir: RunDirectory, verbose: bool) -> RunLog:
@@ -152,7 +160,10 @@ def _run_simulation(
             backend_config=_backend_config(run_dir.config.federation, ray_address, run_log.verbose),
         )
     finally:
-        _copy_worker_output(run_log, ray_logs[0] if ray_logs else None)
+        try:
+            _copy_worker_output(run_log, ray_logs[0] if ray_logs else None)
+        except (OSError, ValueError) as err:  # never in place of the run's own error, nor its results
+            log.warning("the clients' output could not be copied into run.log: %s", err)
     if not summaries:
         raise DpflError(f"the simulation ended without a result; see {run_log.path}")
     _drop_feature_caches(run_dir.config.privacy.ledger_dir)
@@ -214,29 +225,54 @@ def _join_cluster(config: RunConfig, ray_address: str, verbose: bool) -> None:
     ledger_dir.mkdir(parents=True, exist_ok=True)
     marker = ledger_dir / f"cluster-check-{secrets.token_hex(8)}"
     marker.write_text(marker.name)
+    held = FileLock(f"{marker}.lock")
     try:
-        sees = ray.remote(num_cpus=0)(_sees_storage)
-        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-        checks = [
-            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker), str(data_dir))
-            for node in nodes
-        ]
-        blind = [node for node, ok in zip(nodes, ray.get(checks)) if not ok]
+        with held:  # each node must find it taken: the ledger's lock has to hold across machines
+            sees = ray.remote(num_cpus=0)(_sees_storage)
+            nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+            checks = [
+                sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                    str(marker), str(data_dir)
+                )
+                for node in nodes
+            ]
+            try:
+                blind = [node for node, ok in zip(nodes, ray.get(checks, timeout=CLUSTER_CHECK_SECONDS)) if not ok]
+            except ray.exceptions.GetTimeoutError:
+                blind = nodes
     finally:
         marker.unlink(missing_ok=True)
+        Path(f"{marker}.lock").unlink(missing_ok=True)
     if blind:
         ray.shutdown()  # disconnects this driver only; the cluster keeps running
         raise DpflError(
             f"{len(blind)} of the cluster's {len(nodes)} nodes cannot see the ledger directory "
-            f"{ledger_dir} or the data directory {data_dir}; a client there would keep a ledger of "
-            "its own and the budget would not hold: mount both on shared storage at the same path "
-            "on every node (docs/multi-node.md)"
+            f"{ledger_dir} with working file locks, or the data directory {data_dir} (or did not "
+            f"answer within {CLUSTER_CHECK_SECONDS} s); a client there would keep a ledger of its "
+            "own and the budget would not hold: mount both on shared storage with cross-machine "
+            "locks at the same path on every node (docs/multi-node.md)"
         )
 
 
+#: How long every node gets to answer the storage check before the run is refused.
+CLUSTER_CHECK_SECONDS = 120
+
+
 def _sees_storage(marker: str, data_dir: str) -> bool:
-    """On one node: are the driver's marker file and the data directory there?"""
-    return Path(marker).is_file() and Path(data_dir).is_dir()
+    """On one node: are the driver's marker and the data directory there, and is the marker's lock taken?
+
+    The driver holds the lock; a node whose lock attempt succeeds does not share it, and two
+    clients charging one ledger from such nodes could both write and one charge be lost.
+    """
+    if not (Path(marker).is_file() and Path(data_dir).is_dir()):
+        return False
+    probe = FileLock(f"{marker}.lock", timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False
 
 
 def _backend_config(federation: FederationConfig, ray_address: str, verbose: bool) -> dict[str, Any]:

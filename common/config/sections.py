@@ -249,3 +249,9 @@ class AuditConfig:
         "label, scored by the final model's loss (black-box)",
         choices=(GRADIENT_CANARY, MISLABELLED_CANARY),
     )
+    canary_seed: int = option(
+        0,
+        "audit runs only: draws which canaries are in and what they are; dpfl audit picks it at "
+        "random for every audit run, so each audit is a fresh trial",
+        low=0,
+    )

@@ -125,6 +125,11 @@ def _canary_verdict(report: CanaryAuditReport) -> str:
     """One line: what the bound says about the accountant's epsilon."""
     if math.isinf(report.accountant_epsilon):
         return "Non-private run: no guarantee to contradict; the bound shows what the canaries can see."
+    if not report.can_contradict:
+        return (
+            f"These canaries can certify at most {report.ceiling:.2f}, not above the accountant's "
+            f"{report.accountant_epsilon:.2f}: this audit cannot test that figure (audit a smaller epsilon)."
+        )
     if report.contradicts_accountant:
         return (
             "THE LOWER BOUND IS ABOVE THE ACCOUNTANT'S EPSILON: the training or its accounting "

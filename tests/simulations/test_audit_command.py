@@ -72,3 +72,23 @@ def test_an_interrupted_audit_run_is_not_resumed(tmp_path):
     run_dir = RunDirectory.create(config)
     with pytest.raises(DpflError, match="is an audit run: its auditor watched the rounds"):
         resume(run_dir.path)
+
+
+def test_each_audit_is_a_fresh_draw_and_gradient_canaries_must_fit_the_model():
+    base = load_preset("smoke")
+    seeds = {audit_config(base, 10, "mislabelled").audit.canary_seed for _ in range(5)}
+    assert len(seeds) > 1  # membership drawn anew: a second audit is a second trial
+    with pytest.raises(ConfigError, match="each needs a coordinate of its own and model = 'cnn' trains 26010"):
+        audit_config(base, 60_000, "gradient")
+
+
+def test_an_audit_that_cannot_reach_the_accountants_epsilon_says_so():
+    import numpy as np
+
+    from server.canary_audit import canary_report
+    from simulations.cli.audit import _canary_verdict
+
+    included = np.arange(200) % 2 == 0
+    report = canary_report("gradient", included.astype(float), included, 8.0, 1e-5, 1.0)
+    assert not report.can_contradict and report.to_json()["can-contradict-accountant"] is False
+    assert "cannot test that figure" in _canary_verdict(report)
