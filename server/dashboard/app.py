@@ -185,7 +185,7 @@ def _templates() -> jinja2.Environment:
         when=describe_time,
         path=lambda relative: quote(relative, safe="/"),
     )
-    env.globals.update(RUNNING=RUNNING, FINISHED=FINISHED, STOPPED=STOPPED)
+    env.globals.update(RUNNING=RUNNING, FINISHED=FINISHED, STOPPED=STOPPED, client_bound=client_bound)
     return env
 
 
@@ -209,6 +209,25 @@ def _chart_number(value: Any) -> float | None:
     return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def client_bound(run: dict[str, Any], client: dict[str, Any]) -> float | None:
+    """The most a client may have spent when its epsilon is not fully known, else None.
+
+    A client that never reported a readable epsilon, or whose reply was lost after its last
+    readable one (unreported since some round), may have spent up to the budget: at most
+    max(target-epsilon, the last epsilon it reported), the bound the server's own run
+    epsilon uses for it. Under central DP target-epsilon bounds the run's client-level
+    epsilon, not what a client's own ledger says, so there is none.
+    """
+    budget = run["target-epsilon"]
+    if run["dp-mode"] == "central" or budget is None:
+        return None
+    if client["epsilon"] is None:
+        return budget
+    if client.get("unreported-since") is not None:
+        return max(budget, client["epsilon"])
+    return None
+
+
 def run_charts(run: dict[str, Any]) -> dict[str, Any]:
     """What a run page's charts draw: per round, and per client against the budget.
 
@@ -225,10 +244,8 @@ def run_charts(run: dict[str, Any]) -> dict[str, Any]:
         "epsilon": [row["epsilon"] for row in run["rounds"]],
         "clients": [client["client"] for client in clients],
         "client-epsilon": [_chart_number(client["epsilon"]) for client in clients],
-        # A client that never reported a readable epsilon may have spent up to the budget.
-        "client-bound": [
-            _chart_number(budget) if client["epsilon"] is None else None for client in clients
-        ],
+        # A client whose epsilon never came back, or stopped coming back, may have spent up to the budget.
+        "client-bound": [_chart_number(client_bound(run, client)) for client in clients],
         "budget": _chart_number(budget),
     }
 

@@ -20,6 +20,7 @@ A run's status comes from its own files:
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -28,6 +29,7 @@ import math
 import os
 import time
 import tomllib
+from stat import S_ISREG
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,10 @@ LEDGER_FILE = "privacy-ledger.json"  # client.ledger's name; the server package 
 #: How deep under the root runs are looked for: <root>/sweep-x/runs/<run> is three levels.
 MAX_DEPTH = 4
 _MAX_CACHED = 4096
+#: The most of one file the dashboard reads; a larger one is shown as unreadable.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+#: Never through a symlink, never waiting on a FIFO or a device, never inherited by a child process.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def is_served(path: Path) -> bool:
@@ -86,6 +92,64 @@ class _Unreadable(Exception):
     """A file that exists but could not be parsed; the message says why."""
 
 
+def _parent_inside(path: Path, root: Path | None) -> bool:
+    """Whether the directory holding `path` lies under `root`, symlinks resolved (True without a root)."""
+    if root is None:
+        return True
+    try:
+        parent = path.parent.resolve(strict=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+    return parent == root or parent.is_relative_to(root)
+
+
+def open_regular(path: Path, root: Path | None = None) -> int:
+    """A read-only descriptor of `path`, which must be a regular file in a directory under `root`.
+
+    The one way the dashboard opens a file of a run: a symlink as the file itself is not
+    followed, a FIFO or device is refused without blocking, and a directory on the way
+    that resolves outside the root is refused. FileNotFoundError when there is no such
+    file; _Unreadable (saying why) for one that must not be read; other OSErrors as raised.
+    """
+    if not _parent_inside(path, root):
+        raise _Unreadable("its directory lies outside the runs directory")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _Unreadable("a symbolic link, not followed") from None
+        raise
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise _Unreadable("not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_capped(f: io.BufferedReader, size: int, offset: int = 0) -> bytes:
+    """What `f` (of `size` bytes when stat'ed) holds from `offset`; _Unreadable past MAX_FILE_BYTES."""
+    too_large = _Unreadable(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    if size > MAX_FILE_BYTES:
+        raise too_large
+    f.seek(offset)
+    data = f.read(MAX_FILE_BYTES + 1 - offset)
+    if offset + len(data) > MAX_FILE_BYTES:  # it grew since
+        raise too_large
+    return data
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether `path` itself (not what a symlink points to) is a regular file."""
+    try:
+        return S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 @dataclass
 class _Entry:
     stamp: tuple[int, int, int]
@@ -98,21 +162,36 @@ class FileCache:
     def __init__(self) -> None:
         self._entries: dict[tuple[Path, str], _Entry] = {}
 
-    def read(self, path: Path, parse: Callable[[bytes], Any]) -> tuple[Any, str | None]:
-        """(parsed value, None), (None, None) for a missing file, or (None, why) for an unreadable one."""
+    def read(self, path: Path, parse: Callable[[bytes], Any], root: Path | None = None) -> tuple[Any, str | None]:
+        """(parsed value, None), (None, None) for a missing file, or (None, why) for an unreadable one.
+
+        The file is opened by `open_regular` (under `root`) and read up to MAX_FILE_BYTES.
+        """
         try:
-            stat = path.stat()
-            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            key = (path, parse.__name__)
-            entry = self._entries.get(key)
-            if entry is None or entry.stamp != stamp:
-                if len(self._entries) > _MAX_CACHED:
-                    self._entries.clear()
-                entry = self._entries[key] = _Entry(stamp, parse(path.read_bytes()))
-            return entry.value, None
+            fd = open_regular(path, root)
         except FileNotFoundError:
             return None, None
-        except (OSError, ValueError, _Unreadable) as err:  # UnicodeDecodeError, TOML and JSON errors are ValueErrors
+        except _Unreadable as err:
+            return None, f"{path.name} is unreadable ({err})"
+        except OSError as err:
+            return None, f"{path.name} is unreadable ({err.strerror})"
+        try:
+            with os.fdopen(fd, "rb") as f:
+                stat = os.fstat(f.fileno())
+                stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+                key = (path, parse.__name__)
+                entry = self._entries.get(key)
+                if entry is None or entry.stamp != stamp:
+                    value = parse(_read_capped(f, stat.st_size))
+                    if len(self._entries) > _MAX_CACHED:
+                        self._entries.clear()
+                    entry = self._entries[key] = _Entry(stamp, value)
+            return entry.value, None
+        except OSError as err:
+            return None, f"{path.name} is unreadable ({err.strerror})"
+        # UnicodeDecodeError, TOML and JSON errors are ValueErrors; a parser meeting a value of a
+        # type it did not expect (a hand-edited file) raises the others, a deeply nested one RecursionError.
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, _Unreadable) as err:
             return None, f"{path.name} is unreadable ({err})"
 
 
@@ -139,23 +218,35 @@ def parse_rounds(data: bytes) -> list[dict[str, float | None]]:
 
 
 def parse_ledger(data: bytes) -> dict[str, Any]:
-    """The ledger's budget, lifetime epsilon and budget history; record ids and histories are left out."""
+    """The ledger's budget, lifetime epsilon and budget history; record ids and histories are left out.
+
+    A field of the wrong type (what `PrivacyLedger.to_json` never writes) makes the ledger unreadable.
+    """
     ledger = json.loads(data)
     if not isinstance(ledger, dict):
         raise _Unreadable("not a JSON object")
-    groups = ledger.get("groups") if isinstance(ledger.get("groups"), list) else []
-    events = ledger.get("events") if isinstance(ledger.get("events"), list) else []
+    groups, events = ledger.get("groups", []), ledger.get("events", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _Unreadable("its groups are not a list of objects")
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise _Unreadable("its events are not a list of objects")
+    records = [g.get("records", 0) for g in groups]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in records):
+        raise _Unreadable("a group's records is not a count")
+    for name in ("target-epsilon", "target-delta", "epsilon-spent"):
+        value = ledger.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | str)):
+            raise _Unreadable(f"its {name} is not a number")
+    accountant = ledger.get("accountant", "")
+    if not isinstance(accountant, str):
+        raise _Unreadable("its accountant is not a name")
     return {
         "target-epsilon": _float_or_none(str(ledger.get("target-epsilon"))),
         "target-delta": _finite(ledger.get("target-delta")),
         "epsilon-spent": _float_or_none(str(ledger.get("epsilon-spent"))),
-        "accountant": str(ledger.get("accountant", "")),
-        "records": sum(int(g.get("records", 0)) for g in groups if isinstance(g, dict)),
-        "events": [
-            {key: str(event.get(key, "")) for key in ("time", "event", "by", "epsilon", "delta")}
-            for event in events
-            if isinstance(event, dict)
-        ],
+        "accountant": accountant,
+        "records": sum(records),
+        "events": [{key: str(event.get(key, "")) for key in ("time", "event", "by", "epsilon", "delta")} for event in events],
     }
 
 
@@ -166,6 +257,10 @@ class ClientStats:
     client: str
     examples: int | None = None
     epsilon: float | None = None  # the largest cumulative epsilon it reported: its ledger's lifetime figure
+    #: The round of its latest readable epsilon, and its first unreported round after that, if any:
+    #: from then on it may have spent up to the budget, unknown to the server.
+    epsilon_round: int = 0
+    unreported_since: int | None = None
     delta: float | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys((TRAINED, REFUSED, REJECTED, UNREPORTED), 0))
     last_round: int = 0
@@ -182,6 +277,11 @@ class ClientStats:
         reported_delta = _float_or_none(delta)
         if reported_delta is not None:
             self.delta = reported_delta if self.delta is None else max(self.delta, reported_delta)
+        if outcome == UNREPORTED:
+            if self.unreported_since is None and round_number > self.epsilon_round:
+                self.unreported_since = round_number
+        elif reported is not None and round_number >= self.epsilon_round:
+            self.epsilon_round, self.unreported_since = round_number, None
         if outcome in self.counts:
             self.counts[outcome] += 1
         if round_number >= self.last_round:
@@ -200,18 +300,20 @@ class ClientsFold:
     clients: dict[str, ClientStats] = field(default_factory=dict)
     skipped: int = 0
 
-    def update(self, path: Path) -> str | None:
-        """Read what was appended to `path`; a problem to show, or None."""
+    def update(self, path: Path, root: Path | None = None) -> str | None:
+        """Read what was appended to `path` (opened by `open_regular` under `root`); a problem to show, or None."""
         try:
-            with path.open("rb") as f:
+            with os.fdopen(open_regular(path, root), "rb") as f:
                 stat = os.fstat(f.fileno())
                 if stat.st_ino != self.inode or stat.st_size < self.offset:
                     self._restart(stat.st_ino)  # rewritten (a resume): fold it again from its start
-                f.seek(self.offset)
-                tail = f.read()
+                tail = _read_capped(f, stat.st_size, self.offset)
         except FileNotFoundError:
             self._restart(-1)
             return None
+        except _Unreadable as err:
+            self._restart(-1)
+            return f"{path.name} is unreadable ({err})"
         except OSError as err:
             return f"{path.name} is unreadable ({err.strerror})"
         complete = tail[: tail.rfind(b"\n") + 1]  # the server may be halfway through a line
@@ -243,11 +345,14 @@ class ClientsFold:
         self.clients = {}
 
 
-def lock_held(path: Path) -> bool:
-    """Whether a process holds `path` (a run's `server.lock`): try a shared lock for an instant."""
+def lock_held(path: Path, root: Path | None = None) -> bool:
+    """Whether a process holds `path` (a run's `server.lock`): try a shared lock for an instant.
+
+    Opened by `open_regular`: a symlink, FIFO or device of that name holds nothing.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(path, root)
+    except (OSError, _Unreadable):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -260,12 +365,12 @@ def lock_held(path: Path) -> bool:
     return False
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
-        stat = path.stat()
+        stat = os.lstat(path)  # a symlink is never followed, so its own stamp is what a page depends on
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_mode, stat.st_size, stat.st_mtime_ns
 
 
 class RunsRoot:
@@ -343,7 +448,7 @@ class RunsRoot:
         ]
         ledger = self._ledger_file(path)
         parts.append(_stamp(ledger) if ledger else None)
-        parts.append(lock_held(path / LOCK_FILE))
+        parts.append(lock_held(path / LOCK_FILE, self.root))
         return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
     def overview(self, path: Path) -> dict[str, Any]:
@@ -362,13 +467,13 @@ class RunsRoot:
             status = FINISHED if finished else STOPPED
             epsilon = summary.get("epsilon") if summary.get("private", True) else math.inf
         else:
-            status = RUNNING if lock_held(path / LOCK_FILE) else FAILED
+            status = RUNNING if lock_held(path / LOCK_FILE, self.root) else FAILED
             epsilon = last.get("epsilon")
         try:
-            started = (path / CONFIG_FILE).stat().st_mtime
+            started = os.lstat(path / CONFIG_FILE).st_mtime
         except OSError:
             started = None
-        dp_mode = (summary or {}).get("dp-mode") or config.get("dp-mode", "local")
+        dp_mode = _text((summary or {}).get("dp-mode")) or _text(config.get("dp-mode")) or "local"
         return {
             "id": self.relative(path),
             "name": str(config.get("name") or (summary or {}).get("name") or path.name),
@@ -378,7 +483,7 @@ class RunsRoot:
             "accuracy": _finite(summary.get("test-accuracy") if summary else last.get("test-accuracy")),
             "epsilon": _float_or_none(str(epsilon)),
             "delta": _finite(summary.get("delta") if summary else last.get("delta")),
-            "privacy-unit": (summary or {}).get("privacy-unit") or ("client" if dp_mode == "central" else "example"),
+            "privacy-unit": _text((summary or {}).get("privacy-unit")) or ("client" if dp_mode == "central" else "example"),
             "dp-mode": dp_mode,
             "target-epsilon": _float_or_none(str(config.get("target-epsilon"))),
             "wall-seconds": _finite(summary.get("wall-seconds") if summary else last.get("seconds")),
@@ -411,15 +516,15 @@ class RunsRoot:
         ledger_file = self._ledger_file(path)
         run["ledger"] = self._read(ledger_file, parse_ledger, problems) if ledger_file else None
         run["config"] = {str(key): value for key, value in config.items() if not isinstance(value, dict)}
-        run["files"] = [name for name in DOWNLOADS if (path / name).is_file()]
-        run["pictures"] = [name for name in (ROUNDS_PLOT,) if (path / name).is_file()]
-        run["labels-picture"] = LABELS_PLOT if (path / LABELS_PLOT).is_file() else None
+        run["files"] = [name for name in DOWNLOADS if _is_regular(path / name)]
+        run["pictures"] = [name for name in (ROUNDS_PLOT,) if _is_regular(path / name)]
+        run["labels-picture"] = LABELS_PLOT if _is_regular(path / LABELS_PLOT) else None
         return run
 
     def _clients_of(self, path: Path, problems: list[str]) -> tuple[list[dict[str, Any]], bool]:
         """Per-client rows, biggest epsilon first; and whether the run has a `clients.csv` at all."""
         fold = self._clients.setdefault(path / CLIENTS_FILE, ClientsFold())
-        problem = fold.update(path / CLIENTS_FILE)
+        problem = fold.update(path / CLIENTS_FILE, self.root)
         if problem:
             problems.append(problem)
         clients = [
@@ -431,6 +536,7 @@ class RunsRoot:
                 **stats.counts,
                 "last-round": stats.last_round,
                 "last-outcome": stats.last_outcome,
+                "unreported-since": stats.unreported_since if stats.epsilon is not None else None,
                 "reasons": dict(stats.reasons),
             }
             for stats in fold.clients.values()
@@ -448,7 +554,7 @@ class RunsRoot:
         return ledger if ledger is not None and ledger.is_file() else None
 
     def _read(self, path: Path, parse: Callable[[bytes], Any], problems: list[str]) -> Any:
-        value, problem = self.cache.read(path, parse)
+        value, problem = self.cache.read(path, parse, self.root)
         if problem:
             problems.append(problem)
         return value
@@ -466,7 +572,7 @@ class RunsRoot:
             "id": self.relative(path),
             "name": path.name,
             "rows": rows,
-            "picture": SWEEP_PLOT if (path / SWEEP_PLOT).is_file() else None,
+            "picture": SWEEP_PLOT if _is_regular(path / SWEEP_PLOT) else None,
             "problems": problems,
         }
 
@@ -492,6 +598,11 @@ def parse_sweep(data: bytes) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _text(value: Any) -> str | None:
+    """A string field of a hand-editable file: None unless it is a non-empty string."""
+    return value if isinstance(value, str) and value else None
 
 
 def _count(value: Any) -> int | None:

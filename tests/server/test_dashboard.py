@@ -7,9 +7,11 @@ browser on the same machine.
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import socket
+import threading
 
 import pytest
 from flwr.app import ArrayRecord
@@ -323,3 +325,127 @@ def test_the_command_says_in_one_line_what_is_wrong(tmp_path, capsys):
             bind("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+# -- review fixes: a lost reply's epsilon, files that must not be followed, malformed ledgers --
+
+
+def test_a_client_whose_later_reply_was_lost_is_bounded_by_the_budget(tiny_config, tmp_path):
+    """Round 1: client 7 reports epsilon 1.0; round 2: its reply is lost. It may have spent up to target-epsilon (4)."""
+    config = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "runs"))
+    run_dir = RunDirectory.create(config, {})
+    run_dir.record_round(round_row(1), {}, None, [ClientRow(7, TRAINED, 300, 1.0, 1e-5), ClientRow(8, UNREPORTED, reason="no reply")])
+    run_dir.record_round(round_row(2), {}, None, [ClientRow(7, UNREPORTED, reason="no reply"), ClientRow(8, TRAINED, 300, 2.0, 1e-5)])
+    client = TestClient(create_app(tmp_path / "runs"), base_url=LOCAL)
+    body = client.get(f"/api/runs/{run_dir.path.name}").json()
+    clients = {c["client"]: c for c in body["run"]["clients"]}
+    assert clients["7"]["epsilon"] == 1.0 and clients["7"]["unreported-since"] == 2
+    assert clients["8"]["unreported-since"] is None  # it reported again after its lost round: its ledger's figure covers it
+    bound = dict(zip(body["charts"]["clients"], body["charts"]["client-bound"]))
+    assert bound == {"7": 4.0, "8": None}
+    html = client.get(f"/runs/{run_dir.path.name}").text
+    row = re.search(r'data-client="7">(.*?)</tr>', html, re.S).group(1)
+    assert "≤ 4.000 (unreported since round 2" in row and "1.000 of" not in row
+    assert "2.000 of 4.000" in re.search(r'data-client="8">(.*?)</tr>', html, re.S).group(1)
+    # Its next readable epsilon ends the bound.
+    run_dir.record_round(round_row(3), {}, None, [ClientRow(7, TRAINED, 300, 3.0, 1e-5)])
+    after = {c["client"]: c for c in client.get(f"/api/runs/{run_dir.path.name}").json()["run"]["clients"]}
+    assert after["7"]["epsilon"] == 3.0 and after["7"]["unreported-since"] is None
+
+
+def get_within(client, url, seconds=5.0):
+    """GET `url` in a thread; None if it has not answered within `seconds` (a read blocked on a FIFO)."""
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(client.get(url)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return answer[0] if answer else None
+
+
+def test_a_symlinked_config_pointing_outside_is_not_read(runs, client, tmp_path):
+    outside = tmp_path / "outside.toml"
+    outside.write_text('name = "outside-name"\nsecret-key = "leaked-value"\n')
+    done = runs["done"].path
+    (done / CONFIG_FILE).unlink()
+    (done / CONFIG_FILE).symlink_to(outside)
+    page = client.get(f"/runs/{done.name}")
+    assert page.status_code == 200
+    assert "leaked-value" not in page.text and "outside-name" not in page.text
+    assert "config.toml is unreadable (a symbolic link, not followed)" in page.text
+    assert f'href="/files/{done.name}/config.toml"' not in page.text  # the download route would 404 it
+    listing = client.get("/api/runs").json()["runs"]
+    assert "outside-name" not in {run["name"] for run in listing}
+
+
+def test_a_symlinked_directory_in_a_run_pointing_outside_is_not_read(runs, client, tmp_path):
+    outside = tmp_path / "outside-ledgers"
+    outside.mkdir()
+    (outside / "privacy-ledger.json").write_text('{"target-epsilon": 7.5, "accountant": "leaked-accountant", "groups": [], "events": []}')
+    done = runs["done"].path
+    shutil.rmtree(done / "ledgers", ignore_errors=True)
+    (done / "ledgers").symlink_to(outside)
+    page = client.get(f"/runs/{done.name}")
+    assert page.status_code == 200 and "leaked-accountant" not in page.text
+
+
+def test_a_fifo_in_a_run_never_blocks_the_dashboard(runs, client):
+    dead, early = runs["dead"], runs["early"].path
+    (dead / "server.lock").unlink()
+    os.mkfifo(dead / "server.lock")
+    (early / SUMMARY_FILE).unlink()
+    os.mkfifo(early / SUMMARY_FILE)
+    try:
+        page = get_within(client, "/")
+        assert page is not None, "GET / blocked on a FIFO"
+        assert page.status_code == 200
+        statuses = {run["id"]: run for run in get_within(client, "/api/runs").json()["runs"]}
+        assert statuses[dead.name]["status"] == FAILED  # a FIFO holds no lock
+        assert "summary.json is unreadable (not a regular file)" in statuses[early.name]["problems"]
+        assert get_within(client, f"/runs/{early.name}").status_code == 200
+    finally:
+        for fifo in (dead / "server.lock", early / SUMMARY_FILE):
+            try:  # let a reader blocked before the fix go
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+
+def test_an_oversize_file_is_shown_as_unreadable(runs, client):
+    done = runs["done"].path
+    for name in (SUMMARY_FILE, CLIENTS_FILE):
+        with (done / name).open("r+b") as f:
+            f.truncate(64 * 1024 * 1024 + 1)  # sparse: costs no disk
+    page = client.get(f"/runs/{done.name}")
+    assert page.status_code == 200
+    assert "summary.json is unreadable (larger than 64 MiB)" in page.text
+    assert "clients.csv is unreadable (larger than 64 MiB)" in page.text
+    assert client.get("/").status_code == 200
+
+
+MALFORMED_LEDGERS = [
+    {"records": None, "groups": [{"records": None}], "events": "not a list", "accountant": ["x"]},
+    {"groups": [{"records": "many"}], "events": [1, 2]},
+    {"groups": {"records": 3}, "target-epsilon": {"x": 1}},
+    {"groups": [None], "epsilon-spent": [1.0]},
+    [1, 2, 3],
+]
+
+
+def test_a_malformed_ledger_is_shown_as_unreadable(runs, client):
+    done, early = runs["done"].path, runs["early"].path
+    (done / "ledgers").mkdir(exist_ok=True)
+    for ledger in MALFORMED_LEDGERS:
+        (done / "ledgers" / "privacy-ledger.json").write_text(json.dumps(ledger))
+        page = client.get(f"/runs/{done.name}")
+        assert page.status_code == 200 and "privacy-ledger.json is unreadable" in page.text, ledger
+        assert client.get(f"/api/runs/{done.name}").status_code == 200
+        assert client.get(f"/compare?run={done.name}&run={early.name}").status_code == 200
+        assert client.get(f"/api/compare?run={done.name}&run={early.name}").status_code == 200
+
+
+def test_a_summary_of_wrong_types_still_gives_a_sortable_list(runs, client):
+    for k, run in enumerate((runs["done"].path, runs["early"].path)):
+        (run / SUMMARY_FILE).write_text(json.dumps({"privacy-unit": {"a": k}, "dp-mode": [k], "rounds-planned": [3], "epsilon": {}}))
+    for sort in ("unit", "epsilon", "rounds", "name"):
+        assert client.get(f"/api/runs?sort={sort}").status_code == 200
+    assert client.get(f"/runs/{runs['done'].path.name}").status_code == 200

@@ -72,7 +72,7 @@
     const width = many ? { barPercentage: 1, categoryPercentage: 1 } : {};
     const datasets = [
       Object.assign({ label: "ε reported (lifetime)", data: c["client-epsilon"], backgroundColor: COLORS[0] }, width),
-      Object.assign({ label: "never reported: bounded by the budget", data: c["client-bound"], backgroundColor: "#bbbbbb" }, width),
+      Object.assign({ label: "unreported: bounded by the budget", data: c["client-bound"], backgroundColor: "#bbbbbb" }, width),
     ];
     if (c.budget !== null) {
       datasets.push({
