@@ -14,10 +14,12 @@ import importlib
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.errors import ConfigError
+from common.public_features import FEATURES as FONT_FEATURES, FontFeatures
 from common.scattering import Scattering2D
 
 
@@ -95,8 +97,50 @@ class ScatterNet(nn.Module):
         return self.head(self.scattering(x))
 
 
+class ScatterFontNet(nn.Module):
+    """ScatterNet features and font-CNN features side by side, and a trained linear classifier.
+
+    The second block is the frozen feature extractor of a CNN pre-trained on digits rendered
+    from fonts (`common.public_features`): public data, so it costs no privacy, and it adds
+    what wavelets miss, digit shapes. Each block is normalised per image, the scattering
+    coefficients by GroupNorm as in `ScatterNet`, the font features by their synthetic
+    statistics, and scaled so the font block's norm is half the scattering block's (chosen on
+    validation data: equal norms did 0.4 points worse under DP-SGD). Only
+    `head`, one linear layer, is trained and sent; both extractors are buffers outside
+    `state_dict`. Training computes the features once (`fixed_input`); `forward` runs the whole
+    model as plain tensor operations, so it exports like `ScatterNet`.
+    """
+
+    SCATTERING = 81 * 7 * 7
+    FONT_SCALE = 0.5 * (SCATTERING / FONT_FEATURES) ** 0.5  # expected norm: half the scattering block's
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.scattering = Scattering2D((28, 28), J=SCATTERING_J, L=SCATTERING_L)
+        self.fonts = FontFeatures()
+        self.head = nn.Linear(self.SCATTERING + FONT_FEATURES, num_classes)
+
+    def _combine(self, scattering: torch.Tensor, fonts: torch.Tensor) -> torch.Tensor:
+        normalised = F.group_norm(scattering, 27).flatten(1)
+        return torch.cat([normalised, fonts * self.FONT_SCALE], dim=1)
+
+    @torch.no_grad()
+    def fixed_input(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The concatenated features of `images` (N, 1, 28, 28) -> (N, 4097), scattering by kymatio, in batches."""
+        scattering = _kymatio_scattering()
+        return torch.cat(
+            [
+                self._combine(scattering(batch).flatten(1, 2), self.fonts(batch))
+                for batch in images.split(batch_size)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._combine(self.scattering(x), self.fonts(x)))
+
+
 #: By their `model` names, `BUILT_IN_MODELS` (a test keeps the two equal).
-MODELS: dict[str, type[nn.Module]] = {"cnn": MnistCNN, "scatnet": ScatterNet}
+MODELS: dict[str, type[nn.Module]] = {"cnn": MnistCNN, "scatnet": ScatterNet, "scatnet+fonts": ScatterFontNet}
 
 
 def split(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
@@ -105,7 +149,7 @@ def split(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.T
     Trainers run the transform once over their data and train the module on the result;
     the full model (`model(images)`) is what gets evaluated, exported and served.
     """
-    if isinstance(model, ScatterNet):
+    if isinstance(model, (ScatterNet, ScatterFontNet)):
         return model.head, model.fixed_input
     return model, None
 

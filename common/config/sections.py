@@ -16,7 +16,7 @@ from common.config.options import option
 #: Number of images in the MNIST training set; the most samples a run on MNIST can shard.
 TRAIN_SET_SIZE = 60_000
 #: The models `model` names directly; anything else must be `package.module:factory`.
-BUILT_IN_MODELS = ("cnn", "scatnet")
+BUILT_IN_MODELS = ("cnn", "scatnet", "scatnet+fonts")
 
 
 def seed_option() -> Any:
@@ -90,9 +90,10 @@ class TrainingConfig:
     """Local DP-SGD on each client."""
 
     model: str = option(
-        "scatnet",
+        "scatnet+fonts",
         "cnn (small tanh CNN, 26,010 weights), scatnet (fixed ScatterNet features and a "
-        "GroupNorm'd linear head, 39,700 weights), or package.module:factory, a function "
+        "GroupNorm'd linear head, 39,700 weights), scatnet+fonts (ScatterNet and frozen font-CNN "
+        "features, pre-trained on public data, and a linear head, 40,980 weights), or package.module:factory, a function "
         "returning your own nn.Module for (N, 1, 28, 28) inputs",
     )
     num_classes: int = option(10, "classes of the data, labelled 0 to num-classes - 1: the model's outputs", low=2)

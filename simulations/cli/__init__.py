@@ -21,10 +21,10 @@ from typing import NoReturn
 
 from common.errors import DpflError
 from common.logs import enable_logging
-from simulations.cli import audit, bench, certs, config, dashboard, export, ledger, plan, predict, simulate, sweep, tune
+from simulations.cli import audit, bench, certs, config, dashboard, export, ledger, plan, predict, pretrain, simulate, sweep, tune
 
 #: In the order `dpfl --help` lists them.
-COMMANDS = (simulate, config, export, predict, certs, plan, ledger, sweep, audit, bench, tune, dashboard)
+COMMANDS = (simulate, config, export, predict, certs, plan, ledger, sweep, audit, bench, tune, pretrain, dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:

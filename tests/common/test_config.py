@@ -12,7 +12,7 @@ from tests.conftest import REPO
 def test_the_schemas_defaults_are_the_default_run():
     config = RunConfig.from_mapping({})
     assert config == RunConfig() == load_preset(None) == load_preset("mnist-eps2")
-    assert (config.training.model, config.training.batch_size, config.privacy.max_grad_norm) == ("scatnet", 1200, 0.1)
+    assert (config.training.model, config.training.batch_size, config.privacy.max_grad_norm) == ("scatnet+fonts", 1200, 0.1)
     assert config.privacy.accountant == "prv"
     assert config.total_train_examples() == 60_000
 
@@ -95,7 +95,7 @@ def test_secure_aggregation_is_off_by_default_and_checked_only_when_on():
         ({"train-subset": 70_000}, "train-subset = 70000 is invalid: MNIST has 60000 training images"),
         ({"batch-size": "64x"}, "batch-size = '64x' is invalid"),
         ({"model": 3}, "model = 3 is invalid: must be a string"),
-        ({"model": "resnet"}, "model = 'resnet' is invalid: must be cnn, scatnet or package.module:factory"),
+        ({"model": "resnet"}, "model = 'resnet' is invalid: must be cnn, scatnet, scatnet+fonts or package.module:factory"),
         ({"name": "../../x"}, "name = '../../x' is invalid: it names the run's directory inside output-dir"),
         ({"name": ".hidden"}, "name = '.hidden' is invalid"),
         ({"dataset": "folder:"}, "dataset = 'folder:' is invalid: must be mnist, folder:PATH or npz:PATH"),

@@ -243,7 +243,7 @@ def scatnet_run(data_dir, tmp_path_factory):
         optimizer.step()
     run_dir = tmp_path_factory.mktemp("scatnet-run")
     torch.save(model.state_dict(), run_dir / MODEL_FILE)
-    config = RunConfig.from_mapping({"name": "card", "num-clients": 4, "data-dir": str(data_dir)})
+    config = RunConfig.from_mapping({"name": "card", "model": "scatnet", "num-clients": 4, "data-dir": str(data_dir)})
     (run_dir / CONFIG_FILE).write_text(tomli_w.dumps(config.to_flat()))
     summary = {"rounds-completed": 10, "test-accuracy": 0.9731, "dp-mode": "local", "privacy-unit": "example", "epsilon": 1.9924, "delta": 1e-5}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
