@@ -14,17 +14,21 @@ never averaged; every party loads the same file, and exports carry them as const
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = WEIGHTS_DIR / "font-cnn.pt"
+#: JSON, not a torch file: Flower's app bundle (`flwr run`) carries only text kinds (.py, .json,
+#: .toml, ...), and a server or client built from it must find the weights there too.
+WEIGHTS_FILE = WEIGHTS_DIR / "font-cnn-weights.json"
 MANIFEST_FILE = WEIGHTS_DIR / "font-cnn.json"
 
 #: Output channels of the five 3 x 3 convolutions; max-pooling follows the 2nd, 4th and 5th.
@@ -55,16 +59,35 @@ def extract(tensors: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Ten
     return F.relu(F.linear(x.flatten(1), tensors["fc.weight"], tensors["fc.bias"]))
 
 
+def weights_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The weights file's content: every tensor of `extractor_keys` as float32, base64, with its shape."""
+    entries = {}
+    for key in extractor_keys():
+        array = tensors[key].detach().float().contiguous().numpy()
+        entries[key] = {"shape": list(array.shape), "float32": base64.b64encode(array.astype("<f4").tobytes()).decode()}
+    return json.dumps(entries).encode()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file written by `weights_bytes`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall dpfl, or run `dpfl pretrain-public --install`")
+    entries = json.loads(path.read_text())
+    missing = [key for key in extractor_keys() if key not in entries]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a font-CNN weights file")
+    return {
+        key: torch.from_numpy(
+            np.frombuffer(base64.b64decode(entries[key]["float32"]), dtype="<f4").reshape(entries[key]["shape"]).copy()
+        )
+        for key in extractor_keys()
+    }
+
+
 @functools.cache
 def _shipped() -> dict[str, torch.Tensor]:
     """The shipped weights, read once per process."""
-    if not WEIGHTS_FILE.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_FILE} is missing: reinstall dpfl, or run `dpfl pretrain-public --install`")
-    tensors = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    missing = [key for key in extractor_keys() if key not in tensors]
-    if missing:
-        raise ValueError(f"{WEIGHTS_FILE} lacks {', '.join(missing)}: not a font-CNN weights file")
-    return {key: tensors[key].float() for key in extractor_keys()}
+    return read_weights(WEIGHTS_FILE)
 
 
 def manifest() -> dict[str, Any]:

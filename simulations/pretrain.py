@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from tqdm import tqdm
 
-from common.public_features import CHANNELS, FEATURES, POOL_AFTER, extract, extractor_keys
+from common.public_features import CHANNELS, FEATURES, POOL_AFTER, extract
 
 log = logging.getLogger(__name__)
 logging.getLogger("fontTools").setLevel(logging.ERROR)  # it warns about harmless table quirks of many fonts
@@ -380,7 +380,7 @@ def pretrain(
     max_fonts: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Render, filter, pre-train and write `font-cnn.pt` and `font-cnn.json` into `out_dir`; returns the manifest.
+    """Render, filter, pre-train and write `font-cnn-weights.json` and `font-cnn.json` into `out_dir`; returns the manifest.
 
     `max_fonts` > 0 takes an evenly spaced subset of the font files (a quick check of the
     pipeline). Seeded throughout: the same fonts and recipe give the same weights on the
@@ -459,10 +459,10 @@ def _held_out(bank: GlyphBank, fonts: Sequence[int], recipe: Recipe, generator: 
 
 def write(out_dir: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
     """The weights (float32, in `extractor_keys` order) and the manifest, with the weights' digest in it."""
-    from common.public_features import MANIFEST_FILE, WEIGHTS_FILE
+    from common.public_features import MANIFEST_FILE, WEIGHTS_FILE, weights_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE.name
-    torch.save({key: tensors[key].float().contiguous() for key in extractor_keys()}, weights)
+    weights.write_bytes(weights_bytes(tensors))
     manifest = {**manifest, "weights-sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "weights-bytes": weights.stat().st_size}
     (out_dir / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=1) + "\n")

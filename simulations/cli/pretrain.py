@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "pretrain-public",
         help="render the installed fonts' digits and pre-train the font CNN of scatnet+fonts (no MNIST)",
     )
-    cmd.add_argument("--out", type=Path, help="directory for font-cnn.pt and font-cnn.json (default: outputs/pretrain-<time>)")
+    cmd.add_argument("--out", type=Path, help="directory for font-cnn-weights.json and font-cnn.json (default: outputs/pretrain-<time>)")
     cmd.add_argument("--images", type=int, help="synthetic training images (default: the recipe's)")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the font split, augmentation and initialisation")
     cmd.add_argument(

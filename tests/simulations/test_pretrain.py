@@ -13,7 +13,7 @@ from fontTools.fontBuilder import FontBuilder
 from fontTools.pens.ttGlyphPen import TTGlyphPen
 
 import common.data
-from common.public_features import MANIFEST_FILE, WEIGHTS_FILE, extractor_keys
+from common.public_features import MANIFEST_FILE, WEIGHTS_FILE, extractor_keys, read_weights
 from simulations.pretrain import (
     BOX,
     FONT_DIRS,
@@ -119,7 +119,7 @@ def test_a_short_pretraining_learns_from_fonts_alone(tmp_path, monkeypatch):
     manifest = pretrain(tmp_path, recipe, max_fonts=120)
     assert manifest["held-out-fonts-accuracy"] > 0.5 and manifest["fonts"]["held-out"]
     assert manifest["recipe"]["seed"] == 3 and manifest["training-images"] == 4096
-    tensors = torch.load(tmp_path / WEIGHTS_FILE.name, weights_only=True)
+    tensors = read_weights(tmp_path / WEIGHTS_FILE.name)
     assert list(tensors) == extractor_keys()
     # The statistics are recomputed from the same synthetic images: the same seed regenerates them.
     paths = find_fonts(FONT_DIRS)
