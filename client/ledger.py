@@ -13,19 +13,28 @@ recorded with a timestamp. What the ledger holds, and how it counts, is
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from common.privacy.ledger import LedgerError, PrivacyLedger
-from common.privacy.planning import PrivacyBudget
+from common.privacy.planning import NoisePlan, PrivacyBudget
 from common.storage import atomic_write
 
+log = logging.getLogger(__name__)
+
 LEDGER_FILE = "privacy-ledger.json"
+#: The runs' noise plans, one small file per run and shard, beside the ledger and under its lock.
+PLANS_DIR = "plans"
 LOCK_FILE = "privacy-ledger.lock"
 #: Written beside the ledger when it is created: a directory that has one but no ledger has
 #: lost its ledger, and must not silently start again at zero.
@@ -89,6 +98,46 @@ class LedgerFile:
             atomic_write(self.marker, json.dumps({"created": created}).encode())
         atomic_write(self.path, ledger.to_json().encode())
 
+    def plan(self, key: str) -> NoisePlan | None:
+        """The plan kept for `key` (`<run key>:<shard key>`), or None; call only inside `transaction`.
+
+        Plans live in files of their own, not in the ledger: a simulation's thousands of
+        shards would otherwise make every client read and rewrite every other shard's plan.
+        A plan that cannot be read is planned again: a plan only fixes the noise of a run's
+        later rounds, and each round's charge is checked against the budget whatever the plan.
+        """
+        path = self._plan_path(key)
+        if not path.is_file():
+            return None
+        try:
+            plan = NoisePlan(**json.loads(path.read_text(encoding="utf-8")))
+            if not (
+                isinstance(plan.run, str)
+                and 0 <= plan.noise_multiplier < math.inf
+                and 0 < plan.sample_rate <= 1
+                and isinstance(plan.steps_per_round, int)
+                and isinstance(plan.planned_steps, int)
+                and 0 < plan.steps_per_round <= plan.planned_steps
+            ):
+                raise ValueError(f"its figures are out of range: {plan}")
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("planning again: the noise plan %s is unreadable (%s)", path, err)
+            return None
+        return plan if plan.run == key else None
+
+    def keep_plan(self, key: str, plan: NoisePlan) -> None:
+        """Keep `plan` for `key`; call only inside `transaction`, before the charge it goes with is saved."""
+        atomic_write(self._plan_path(key), json.dumps(asdict(plan)).encode(), durable=False)  # lost: planned again
+
+    def drop_plans(self, run_key: str) -> None:
+        """Forget a finished run's plans: no round of it will come again."""
+        shutil.rmtree(self.directory / PLANS_DIR / _digest(run_key), ignore_errors=True)
+
+    def _plan_path(self, key: str) -> Path:
+        # Names are hashed: the run key comes from a server and must not choose a path here.
+        run_key, _, shard = key.rpartition(":")
+        return self.directory / PLANS_DIR / _digest(run_key) / f"{_digest(shard)}.json"
+
     def reset(self, budget: PrivacyBudget) -> PrivacyLedger:
         """The data owner declares a lost ledger's records unspent: a fresh ledger, the reset recorded."""
         with self.locked():
@@ -135,3 +184,7 @@ def read_ledger(directory: Path) -> PrivacyLedger:
         if ledger is None:
             raise LedgerError(f"{directory} holds no privacy ledger")
         return ledger
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

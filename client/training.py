@@ -29,6 +29,7 @@ from common.config.rules import MNIST, MNIST_TEST
 from common.config.sections import GRADIENT_CANARY, MISLABELLED_CANARY
 from common.data import client_shard, load_dataset, raw_pixels, resolve_data_dir, tensor_loader
 from common.errors import ConfigError, DataError, DpflError
+from common.feature_store import FEATURES_PREFIX, stored_features
 from common.model import build_model, fixed_features, split
 from common.privacy.accounting import History
 from common.privacy.ledger import LedgerError, PrivacyLedger, dataset_key, record_ids
@@ -131,7 +132,7 @@ def train_round(
         log.warning("client %d refuses to train: %s", node.partition_id, charge.refusal)
         return charge
 
-    trainable, inputs = _training_inputs(model, shard, data_key, directory)
+    trainable, inputs = _training_inputs(model, shard, ids, directory)
     plan = charge.plan
     canaries = None
     if run.audit.canaries and run.audit.canary_kind == GRADIENT_CANARY:
@@ -258,7 +259,7 @@ def charge_round(
             except ConfigError as err:  # its message holds the number of examples: it stays here
                 raise LedgerError(str(err), "its delta is too large for its number of examples (see its log)") from None
         spent = ledger.spent(records)
-        plan = ledger.plans.get(plan_key)
+        plan = ledger_file.plan(plan_key)
         if plan is None:
             plan = plan_noise(
                 plan_key,
@@ -272,7 +273,7 @@ def charge_round(
                 privacy.noise_multiplier,
             )
             if plan is not None:
-                ledger.keep_plan(plan_key, plan)
+                ledger_file.keep_plan(plan_key, plan)
         shape = round_shape(num_examples, training.batch_size, training.local_epochs)
         refusal = _refusal(ledger, spent, records, plan, shape, budget, privacy.accountant)
         if refusal is None:
@@ -329,26 +330,31 @@ def _refusal(
 
 
 def _training_inputs(
-    model: nn.Module, shard: TensorDataset, key: str, state_dir: Path
+    model: nn.Module, shard: TensorDataset, ids: np.ndarray, state_dir: Path
 ) -> tuple[nn.Module, TensorDataset]:
     """What DP-SGD trains and on what: the model on the shard, or its head on its fixed features.
 
-    A shard's fixed features are slow to compute but never change, so the client keeps them
-    in its state directory (its ledger's), in half precision, and reads them back every round,
-    which is cheap: Flower's simulation hands a client to whichever Ray actor is free, and a
-    file serves every actor without each holding every client's features.
+    A shard's fixed features are slow to compute but never change. A simulation computes
+    those of its whole data source once (`common.feature_store`), and its clients take their
+    rows from there by record id (`ids`); otherwise the client keeps its own in its state
+    directory (its ledger's), in half precision, and reads them back every round, which is
+    cheap: Flower's simulation hands a client to whichever Ray actor is free, and a file
+    serves every actor without each holding every client's features.
     """
     trainable, transform = split(model)
     if transform is None:
         return trainable, shard
     labels = shard.tensors[1]
-    path = state_dir / f"features-{type(model).__name__.lower()}-{key}.pt"
+    shared = stored_features(state_dir, model, ids)
+    if shared is not None:
+        return trainable, TensorDataset(shared, labels)
+    path = state_dir / f"{FEATURES_PREFIX}{type(model).__name__.lower()}-{dataset_key(ids)}.pt"
     features = _stored_features(path, len(labels))
     if features is None:
         features = _compute_features(model, shard).tensors[0]
         buffer = io.BytesIO()
         torch.save(features, buffer)
-        atomic_write(path, buffer.getvalue())
+        atomic_write(path, buffer.getvalue(), durable=False)  # a cache: lost, it is computed again
     return trainable, TensorDataset(features, labels)
 
 

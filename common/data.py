@@ -115,22 +115,23 @@ def raw_dataset(source: str, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor
 def load_dataset(source: str, data_dir: Path) -> TensorDataset:
     """A whole data source, normalised: a real client's own data, or the server's evaluation set."""
     images, labels = raw_dataset(source, data_dir)
-    return TensorDataset(_normalised(images), labels.clone())
+    return TensorDataset(normalised(images), labels.clone())
 
 
-def _normalised(images: torch.Tensor) -> torch.Tensor:
+def normalised(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the float tensors every model here is trained and evaluated on."""
     return images.float().div_(255.0).sub_(MEAN).div_(STD)
 
 
 def raw_pixels(images: torch.Tensor) -> torch.Tensor:
-    """The uint8 pixels that `_normalised` made `images` from, exactly: what a record's bytes are."""
+    """The uint8 pixels that `normalised` made `images` from, exactly: what a record's bytes are."""
     return images.mul(STD).add(MEAN).mul(255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_mnist(data_dir: Path, train: bool) -> TensorDataset:
     """The MNIST training or test set as normalised (N, 1, 28, 28) float images and labels."""
     images, labels = _raw_mnist(data_dir, train)
-    return TensorDataset(_normalised(images), labels.clone())
+    return TensorDataset(normalised(images), labels.clone())
 
 
 class _BatchIndexed(TensorDataset):
@@ -183,8 +184,22 @@ def client_shard(
 ) -> TensorDataset:
     """The training shard of one client: disjoint from every other client's for the same seed."""
     images, labels = raw_dataset(config.dataset, data_dir)
-    index = torch.from_numpy(shard_indices(labels, config, seed, num_partitions)[partition_id])
-    return TensorDataset(_normalised(images[index]), labels[index])
+    index = torch.from_numpy(_cut(config, seed, num_partitions, data_dir)[partition_id].copy())
+    return TensorDataset(normalised(images[index]), labels[index])
+
+
+@functools.lru_cache(maxsize=4)
+def _cut(config: DataConfig, seed: int, num_partitions: int, data_dir: Path) -> tuple[np.ndarray, ...]:
+    """Every client's indices, cut once per process rather than once per client and round.
+
+    A process serves many simulated clients of one partition, and cutting the whole data
+    set costs as much as a small client's round; the cut is read-only, so no caller can
+    change another client's shard.
+    """
+    shards = tuple(shard_indices(raw_dataset(config.dataset, data_dir)[1], config, seed, num_partitions))
+    for shard in shards:
+        shard.flags.writeable = False
+    return shards
 
 
 def shard_indices(
@@ -231,4 +246,4 @@ def load_validation(config: DataConfig, data_dir: Path) -> TensorDataset:
     """The held-out validation images: what hyper-parameter search may look at instead of the test set."""
     images, labels = raw_dataset(config.dataset, data_dir)
     index = torch.from_numpy(validation_indices(len(labels), config))
-    return TensorDataset(_normalised(images[index]), labels[index])
+    return TensorDataset(normalised(images[index]), labels[index])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from common.model import build_model, fixed_features, split
 from common.privacy.accounting import describe_epsilon
 from common.protocol import RUN_KEY
 from common.privacy.central import CentralLedger
-from server.central_dp import central_dp
+from server.central_dp import PoissonSampledFedAvg, central_dp
 from server.plots import plot_run
 from server.progress import ReplyProgress
 from server.results import SUMMARY_FILE, RoundRow, RunDirectory
@@ -60,7 +59,9 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
     central = config.privacy.dp_mode == "central"
     last = run_dir.rows[-1] if run_dir.rows and not central else None
     sampled = clients_per_round(federation)
-    strategy = LedgerAwareFedAvg(
+    # Under Poisson client sampling nothing published may tell who was sampled (see server.central_dp).
+    secret = config.participation_secret
+    strategy = (PoissonSampledFedAvg if secret else LedgerAwareFedAvg)(
         spent_epsilon=last.epsilon if last else 0.0,
         spent_delta=last.delta if last else 0.0,
         uniform_weights=central,
@@ -79,7 +80,7 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         # federation's): earlier central runs there released the same clients' data.
         shared = CentralLedger(Path(config.privacy.ledger_dir), run_dir.run_key)
         started, client_level = central_dp(
-            strategy, config.privacy, config.central, sampled, run_dir.central_history, federation.num_clients, shared
+            strategy, config.privacy, config.central, federation, run_dir.central_history, shared
         )
 
     privacy_unit = "client" if central else "example"
@@ -96,16 +97,22 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         if server_round > 0:
             round_started = run_dir.rows[-1].seconds if run_dir.rows else 0.0
             epsilon, delta = privacy_spent()
+            trained, refused, rejected, unreported = (None,) * 4 if secret else (
+                strategy.last_round.clients_trained,
+                strategy.last_round.clients_refused,
+                strategy.last_round.clients_rejected,
+                len(strategy.round_unreported),
+            )
             row = RoundRow(
                 round=done + server_round,
                 test_accuracy=accuracy,
                 test_loss=loss,
                 epsilon=epsilon,
                 delta=delta,
-                clients_trained=strategy.last_round.clients_trained,
-                clients_refused=strategy.last_round.clients_refused,
-                clients_rejected=strategy.last_round.clients_rejected,
-                clients_unreported=len(strategy.round_unreported),
+                clients_trained=trained,
+                clients_refused=refused,
+                clients_rejected=rejected,
+                clients_unreported=unreported,
                 seconds=run_dir.elapsed(),
             )
             run_dir.record_round(
@@ -134,8 +141,13 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
             )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    if sys.stderr.isatty():  # a person watches: show the round in flight
-        grid = ReplyProgress(grid, lambda: f"round {run_dir.completed_rounds + 1}/{federation.num_server_rounds}")
+    # Replies reach the strategy as they arrive (summed one at a time), with a bar when a person watches.
+    grid = ReplyProgress(
+        grid,
+        lambda: f"round {run_dir.completed_rounds + 1}/{federation.num_server_rounds}",
+        count_replies=not secret,
+        stream=not config.secagg.secure_aggregation,
+    )
     stop_reason = None
     # SecAgg+ runs the same rounds through Flower's legacy workflow, booked by the same strategy.
     start = partial(run_secure_aggregation, config, strategy) if config.secagg.secure_aggregation else started.start
@@ -169,8 +181,9 @@ def run_federation(grid: Grid, run_dir: RunDirectory) -> dict[str, Any]:
         "private": math.isfinite(epsilon),
         "epsilon": epsilon if math.isfinite(epsilon) else None,
         "delta": delta,
-        # Node ids sent a train instruction whose epsilon never came back readable (this process).
-        "clients-unreported": sorted(strategy.unreported_nodes),
+        # Node ids sent a train instruction whose epsilon never came back readable (this process);
+        # null where participation is secret.
+        "clients-unreported": None if secret else sorted(strategy.unreported_nodes),
         "wall-seconds": run_dir.elapsed(),
     }
     if strategy.unreported_nodes and client_level is None:

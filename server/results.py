@@ -10,7 +10,10 @@ duplicated or lost, whatever the kill interrupted.
 `clients.csv` says what became of each client sent a round (trained, refused, rejected or
 unreported), with what it released: its number of examples, its cumulative epsilon and delta,
 and a refusal's reason. Its rows are appended *before* the checkpoint, and a resume drops
-those of rounds the checkpoint does not hold, so they too match the rounds exactly.
+those of rounds the checkpoint does not hold, so they too match the rounds exactly. A run
+with Poisson client sampling (`RunConfig.participation_secret`) has no `clients.csv`, and
+its rows' client counts are empty: both would say who was sampled, which its privacy
+amplification assumes secret.
 
 While a server process has the run open it holds an exclusive lock on `server.lock`; the
 operating system releases it when the process ends, however it ends, and the server when it
@@ -67,6 +70,7 @@ class RoundRow:
     data outside the DP mechanism (a training loss, say) has a column: this file is published.
     `clients_unreported` counts the clients sent this round's instruction whose epsilon never
     came back readable; under local DP `epsilon` is then at least target-epsilon, their bound.
+    The counts are None (empty cells) where participation is secret (Poisson client sampling).
     """
 
     round: int
@@ -74,10 +78,10 @@ class RoundRow:
     test_loss: float
     epsilon: float
     delta: float
-    clients_trained: int
-    clients_refused: int
-    clients_rejected: int
-    clients_unreported: int
+    clients_trained: int | None
+    clients_refused: int | None
+    clients_rejected: int | None
+    clients_unreported: int | None
     seconds: float
 
     @classmethod
@@ -162,7 +166,10 @@ class RunDirectory:
 
         A config without a ledger directory proposes the run directory's `ledgers/`: simulated
         clients keep their ledger there, so it survives a crash and a resume continues it. Real
-        clients never take a ledger location from the run config.
+        clients never take a ledger location from the run config. Where participation is secret
+        (Poisson client sampling) it is `<run directory>.ledgers/` beside the run directory
+        instead: the simulated clients' ledgers and feature caches stand for the clients' own
+        disks, and say which records trained in how many rounds.
         """
         root = Path(config.output_dir).expanduser().resolve()
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -182,7 +189,9 @@ class RunDirectory:
         else:
             raise ConfigError(f"could not create a fresh run directory under {root}: 100 exist for this second")
         if not config.privacy.ledger_dir:
-            privacy = dataclasses.replace(config.privacy, ledger_dir=str(path / LEDGERS_DIR))
+            secret = config.participation_secret
+            ledgers = path.with_name(f"{path.name}.{LEDGERS_DIR}") if secret else path / LEDGERS_DIR
+            privacy = dataclasses.replace(config.privacy, ledger_dir=str(ledgers))
             config = dataclasses.replace(config, privacy=privacy)
         # The random part keeps two servers' runs apart even with equal names and clocks.
         if model is None:
@@ -191,7 +200,8 @@ class RunDirectory:
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(config.to_flat()).encode())
         run_dir._save_checkpoint()
         run_dir._write_rounds()
-        run_dir._write_clients([])
+        if not config.participation_secret:
+            run_dir._write_clients([])
         log.info("run directory: %s", path)
         return run_dir
 
@@ -224,7 +234,8 @@ class RunDirectory:
             )
         run_dir = cls(path, config, run_key, rows, model, central_history)
         run_dir._write_rounds()
-        run_dir._write_clients(run_dir._clients_lines())
+        if not config.participation_secret:
+            run_dir._write_clients(run_dir._clients_lines())
         log.info("resuming %s after round %d of %d", path, len(rows), config.federation.num_server_rounds)
         return run_dir
 
@@ -244,9 +255,10 @@ class RunDirectory:
     ) -> None:
         """Make a finished round durable: its clients' rows, the checkpoint, then the row and `model.pt`.
 
-        `clients` are the round's `ClientRow`s (none when the caller does not know them).
+        `clients` are the round's `ClientRow`s (none when the caller does not know them, and
+        never written where participation is secret).
         """
-        if clients:
+        if clients and not self.config.participation_secret:
             with (self.path / CLIENTS_FILE).open("a", newline="") as f:
                 csv.writer(f).writerows(client.cells(row.round) for client in clients)
                 f.flush()

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -289,15 +289,14 @@ class LedgerAwareFedAvg(FedAvg):
             kept[UNIFORM_WEIGHT] = 1
         reply.content[METRICS_KEY] = MetricRecord(kept)
 
-    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
         """The replies fit to aggregate or to count as refusals; failed and unsound ones are logged and dropped.
 
         Runs before anything touches the weights (central DP's clipping subtracts them from
         the global model, so a wrong shape must not get that far). Every reply's readable
         epsilon is booked here, a rejected one's included; the replies kept carry only the
-        released metrics.
+        released metrics. One reply at a time, as they arrive: nothing here holds them all.
         """
-        kept = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -318,8 +317,7 @@ class LedgerAwareFedAvg(FedAvg):
             else:
                 self._outcomes[node] = self._client_row(node, reply.content, TRAINED, "")
             self._keep_released_metrics(server_round, reply)
-            kept.append(reply)
-        return kept
+            yield reply
 
     @staticmethod
     def _client_row(node: int, content: RecordDict, outcome: str, reason: str) -> ClientRow:
@@ -339,11 +337,20 @@ class LedgerAwareFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained, refused = [], []
+        """FedAvg's weighted mean of the sound updates, summed as they arrive.
+
+        Flower's FedAvg averages a list of every reply's weights, which a round of thousands
+        of clients holds in memory all at once; here each update is added to a running sum
+        (in float64, so that the order of thousands of additions does not matter) and let go,
+        so the server's memory does not grow with the number of clients.
+        """
+        total = WeightedSum()
+        released: list[RecordDict] = []  # the sound replies' metrics: a few numbers each
+        refused = 0
         for reply in self.screen(server_round, replies):
             node = reply.metadata.src_node_id
             if REFUSAL_KEY in reply.content:
-                refused.append(reply)
+                refused += 1
                 self.refused_nodes.add(node)
                 log.warning(
                     "round %d: client node %d refused to train: %s",
@@ -352,7 +359,9 @@ class LedgerAwareFedAvg(FedAvg):
                     one_line(str(reply.content[REFUSAL_KEY]["reason"])[:MAX_REASON_CHARS]),
                 )
             else:
-                trained.append(reply)
+                metrics = reply.content[METRICS_KEY]
+                total.add(reply.content[ARRAYS_KEY], float(metrics[self.weighted_by_key]))
+                released.append(RecordDict({METRICS_KEY: metrics}))
                 self.refused_nodes.discard(node)
         if self.connected_nodes and self.connected_nodes <= self.refused_nodes:
             raise BudgetExhausted(
@@ -360,19 +369,40 @@ class LedgerAwareFedAvg(FedAvg):
                 f"{server_round} (their reasons are logged above: a spent privacy budget, or a "
                 "ledger they cannot use)"
             )
-        if len(trained) < self.min_trained_clients:
+        trained = len(released)
+        if trained < self.min_trained_clients:
             log.warning(
                 "round %d skipped: only %d client(s) sent a sound update, fewer than "
                 "min-train-clients = %d; keeping the previous global model",
                 server_round,
-                len(trained),
+                trained,
                 self.min_trained_clients,
             )
-            trained = []
-        arrays, metrics = super().aggregate_train(server_round, trained)
-        self.last_round = TrainRound(
-            clients_trained=len(trained),
-            clients_refused=len(refused),
-            clients_rejected=self._rejected,
+            trained, released = 0, []
+        self.last_round = TrainRound(clients_trained=trained, clients_refused=refused, clients_rejected=self._rejected)
+        if not trained:
+            return None, None
+        return total.mean(), self.train_metrics_aggr_fn(released, self.weighted_by_key)
+
+
+class WeightedSum:
+    """A running weighted sum of ArrayRecords with the same tensors, in float64, and its mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.weight = 0.0
+
+    def add(self, arrays: ArrayRecord, weight: float) -> None:
+        for name, array in arrays.items():
+            value = array.numpy()
+            if name in self.sums:
+                self.sums[name] += weight * value.astype(np.float64)
+            else:
+                self.sums[name], self.dtypes[name] = weight * value.astype(np.float64), value.dtype
+        self.weight += weight
+
+    def mean(self) -> ArrayRecord:
+        return ArrayRecord(
+            {name: Array(np.asarray(total / self.weight, dtype=self.dtypes[name])) for name, total in self.sums.items()}
         )
-        return arrays, metrics

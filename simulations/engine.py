@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # Flower and the results module load lazily, to keep `dpfl pl
 
 log = logging.getLogger(__name__)
 
+#: The server's pause between pulls of a round's replies, per simulated client (at least Flower's 0.1 s).
+PULL_SECONDS_PER_CLIENT = 5e-5
 #: Ray's bookkeeping lines at the top of a worker's log files (its job id, actor or task name).
 _RAY_MARKER = re.compile(r"^:(job_id|actor_name|task_name):")
 
@@ -138,6 +140,7 @@ def _run_simulation(
 
     from client.client_app import app as dpfl_client_app
     from server.federation import run_federation
+    from simulations.linkstate import indexed_link_state
 
     summaries: list[dict[str, Any]] = []
     ray_logs: list[WorkerLogs | None] = []
@@ -145,6 +148,9 @@ def _run_simulation(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        # Each pull of a round's replies checks every one still awaited: tenths of a second
+        # with thousands out, which the clients' dispatch threads wait behind (the GIL).
+        grid.pull_interval = max(grid.pull_interval, run_dir.config.federation.num_clients * PULL_SECONDS_PER_CLIENT)
         try:
             summaries.append(run_federation(wrap_grid(grid) if wrap_grid else grid, run_dir))
         finally:  # Flower shuts Ray down after the ServerApp returns: ask Ray where its workers write while it runs
@@ -152,13 +158,15 @@ def _run_simulation(
 
     if ray_address:
         _join_cluster(run_dir.config, ray_address, run_log.verbose)
+    _share_fixed_features(run_dir.config)
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app or dpfl_client_app,
-            num_supernodes=run_dir.config.federation.num_clients,
-            backend_config=_backend_config(run_dir.config.federation, ray_address, run_log.verbose),
-        )
+        with indexed_link_state():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app or dpfl_client_app,
+                num_supernodes=run_dir.config.federation.num_clients,
+                backend_config=_backend_config(run_dir.config.federation, ray_address, run_log.verbose),
+            )
     finally:
         try:
             _copy_worker_output(run_log, ray_logs[0] if ray_logs else None)
@@ -166,7 +174,7 @@ def _run_simulation(
             log.warning("the clients' output could not be copied into run.log: %s", err)
     if not summaries:
         raise DpflError(f"the simulation ended without a result; see {run_log.path}")
-    _drop_feature_caches(run_dir.config.privacy.ledger_dir)
+    _drop_run_files(run_dir.config.privacy.ledger_dir, run_dir.run_key)
     summary = summaries[0]
     # Known only now that the workers' output is in: the summary is written again with them.
     summary["privacy-warnings"] = run_log.privacy.found
@@ -174,6 +182,37 @@ def _run_simulation(
     for warning in summary["privacy-warnings"]:
         log.warning("privacy warning: %s", warning)
     return summary
+
+
+def _share_fixed_features(config: RunConfig) -> None:
+    """For many small shards, compute the fixed features of the run's data source once, beside the clients' ledger.
+
+    Shards smaller than the batches the transform runs in (`SHARED_FEATURES_BELOW`) would
+    each pay its per-call overhead and write a cache file of their own; one store computed
+    in large batches costs what the whole data set's features cost anyway
+    (`common.feature_store`). Larger shards compute their own, in full batches, in parallel
+    in the client processes, which is quicker than the server doing it all up front.
+    """
+    import numpy as np
+
+    from common.data import load_labels, resolve_data_dir, shard_indices
+    from common.feature_store import build
+    from common.model import build_model, split
+
+    model = build_model(config.training.model, num_classes=config.training.num_classes)
+    if split(model)[1] is None:
+        return
+    data_dir = resolve_data_dir(config.data.data_dir)
+    labels = load_labels(config.data.dataset, data_dir)
+    # The images the clients hold: the whole data set but for held-out and unused ones.
+    pool = np.sort(np.concatenate(shard_indices(labels, config.data, config.seed, config.federation.num_clients)))
+    if len(pool) / config.federation.num_clients < SHARED_FEATURES_BELOW:
+        build(model, config.data.dataset, data_dir, Path(config.privacy.ledger_dir), pool)
+
+
+#: Mean shard size below which a simulation shares one feature store among its clients: the
+#: batch size the models' fixed transforms run in (`fixed_input`).
+SHARED_FEATURES_BELOW = 256
 
 
 def _check_backend(federation: FederationConfig, ray_address: str) -> None:
@@ -354,11 +393,17 @@ def _worker_pid(path: Path) -> int:
     return int(path.stem.rsplit("-", 1)[1])
 
 
-def _drop_feature_caches(ledger_dir: str) -> None:
-    """Remove the clients' cached fixed features once a run has finished: results stay, caches go.
+def _drop_run_files(ledger_dir: str, run_key: str) -> None:
+    """Once a run has finished, remove what only its rounds needed: the clients' cached fixed
+    features and the run's noise plans. Results and the ledger stay.
 
-    An interrupted run keeps them, so that `--resume` need not recompute them.
+    An interrupted run keeps them, so that `--resume` need not recompute its features and
+    goes on with the same noise.
     """
+    from client.ledger import LedgerFile
+    from common.feature_store import FEATURES_PREFIX
+
     if ledger_dir:
-        for path in Path(ledger_dir).glob("features-*.pt"):
+        for path in Path(ledger_dir).glob(f"{FEATURES_PREFIX}*"):
             path.unlink(missing_ok=True)
+        LedgerFile(Path(ledger_dir)).drop_plans(run_key)

@@ -8,15 +8,17 @@ shares them out, so it is what the simulation really occupies. Both are reported
 
 from __future__ import annotations
 
+import csv
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
 from common.data import load_labels, resolve_data_dir
+from server.results import ROUNDS_FILE
 from simulations.presets import load_preset
 
 SAMPLE_SECONDS = 0.5
@@ -42,6 +44,23 @@ def _descendants(root: int) -> list[int]:
     return tree
 
 
+def _kind(pid: int) -> str:
+    """What a process is, for the per-process breakdown: `driver` (this one), a Ray actor's or
+    worker's name (`ray::ClientAppActor`), or the program's file name (`raylet`, `gcs_server`)."""
+    if pid == os.getpid():
+        return "driver"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(".", 1)[0].split(" ", 1)[0]
+    if Path(first).name.startswith("python") and len(argv) > 1:  # a Python helper: name its script
+        first = next((arg.decode(errors="replace") for arg in argv[1:] if arg.endswith(b".py")), first)
+    return Path(first).name
+
+
 def _memory_kib(pid: int) -> tuple[int, int]:
     """(RSS, PSS) of one process in KiB, or zeros if it is gone."""
     try:
@@ -60,6 +79,8 @@ class PeakMemory:
     rss_mib: float = 0.0
     pss_mib: float = 0.0
     processes: int = 0
+    #: Per kind of process (`_kind`), the largest PSS its processes held together.
+    pss_mib_by_kind: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -76,38 +97,70 @@ class PeakMemory:
     def _sample(self) -> None:
         while True:
             tree = _descendants(os.getpid())
-            rss, pss = map(sum, zip(*(_memory_kib(pid) for pid in tree), strict=True))
-            self.rss_mib = max(self.rss_mib, rss / 1024)
-            self.pss_mib = max(self.pss_mib, pss / 1024)
+            memory = {pid: _memory_kib(pid) for pid in tree}
+            self.rss_mib = max(self.rss_mib, sum(rss for rss, _ in memory.values()) / 1024)
+            self.pss_mib = max(self.pss_mib, sum(pss for _, pss in memory.values()) / 1024)
             self.processes = max(self.processes, len(tree))
+            kinds: dict[str, float] = {}
+            for pid, (_, pss) in memory.items():
+                kind = _kind(pid)
+                kinds[kind] = kinds.get(kind, 0.0) + pss / 1024
+            for kind, mib in kinds.items():
+                self.pss_mib_by_kind[kind] = max(self.pss_mib_by_kind.get(kind, 0.0), mib)
             if self._stop.wait(SAMPLE_SECONDS):
                 return
 
 
-def scale(preset: str | None, overrides: list[str], client_counts: list[int]) -> list[dict[str, Any]]:
-    """One simulation per client count, over the same training images; time and peak memory of each."""
+def scale(
+    preset: str | None, overrides: list[str], client_counts: list[int], shard_size: int | None = None
+) -> list[dict[str, Any]]:
+    """One simulation per client count; time and peak memory of each.
+
+    All over the same training images, or, with `shard_size`, over that many images per
+    client (`train-subset`), so that every run's clients are alike and the difference
+    between runs is the cost of more of them.
+    """
     from simulations.engine import simulate
 
     rows = []
     for clients in client_counts:
-        config = load_preset(preset, [*overrides, f"num-clients={clients}"])
+        subset = [f"train-subset={shard_size * clients}"] if shard_size else []
+        config = load_preset(preset, [*overrides, *subset, f"num-clients={clients}"])
         start = time.perf_counter()
         with PeakMemory() as memory:
             summary = simulate(config)
+        seconds = time.perf_counter() - start
         rows.append(
             {
                 "clients": clients,
                 "shard-size": _examples(config) // clients,
                 "rounds": summary["rounds-completed"],
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
+                # Phases: Ray's start-up and the first round's fixed features fall in round 1.
+                "round-seconds": _round_seconds(Path(summary["run-dir"])),
+                "marginal-ms-per-client-round": _marginal_ms(rows[0], clients, seconds, summary) if rows else None,
                 "peak-rss-mib": memory.rss_mib,
                 "peak-pss-mib": memory.pss_mib,
+                "peak-pss-mib-by-process": dict(sorted(memory.pss_mib_by_kind.items(), key=lambda kv: -kv[1])),
                 "processes": memory.processes,
                 "test-accuracy": summary["test-accuracy"],
                 "epsilon": summary["epsilon"],
             }
         )
     return rows
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    """Each round's wall time, from the cumulative seconds in the run's rounds.csv."""
+    with (run_dir / ROUNDS_FILE).open(newline="") as f:
+        elapsed = [float(row["seconds"]) for row in csv.DictReader(f)]
+    return [after - before for before, after in zip([0.0, *elapsed], elapsed)]
+
+
+def _marginal_ms(first: dict[str, Any], clients: int, seconds: float, summary: dict[str, Any]) -> float | None:
+    """What each client-round beyond the first (smallest) run's cost: the extra time over the extra client-rounds."""
+    extra = (clients - first["clients"]) * summary["rounds-completed"]
+    return 1000 * (seconds - first["seconds"]) / extra if extra > 0 else None
 
 
 def _examples(config: RunConfig) -> int:

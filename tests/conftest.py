@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,3 +55,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def saved_plans(ledger_dir: str | Path) -> list[dict]:
+    """Every noise plan kept in a ledger directory, as saved (one file per run and shard), oldest first."""
+    from client.ledger import PLANS_DIR
+
+    paths = sorted((Path(ledger_dir) / PLANS_DIR).glob("*/*.json"), key=lambda path: path.stat().st_mtime_ns)
+    return [json.loads(path.read_text()) for path in paths]

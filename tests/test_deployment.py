@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from simulations.cli import main as dpfl
-from tests.conftest import REPO
+from tests.conftest import REPO, saved_plans
 
 BIN = Path(sys.executable).parent  # flower-superlink spawns `flower-superexec` from PATH
 CONNECTION = "dpfl-test"
@@ -373,7 +373,7 @@ def read_ledger(deployment: Deployment, index: int, ledger: str = "ledger") -> d
     changes, so all its records share it) and its latest noise plan."""
     saved = json.loads((ledger_dir(deployment, index, ledger) / "privacy-ledger.json").read_text())
     (group,) = saved["groups"]
-    return saved | {"history": group["history"], "plan": list(saved["plans"].values())[-1]}
+    return saved | {"history": group["history"], "plan": saved_plans(ledger_dir(deployment, index, ledger))[-1]}
 
 
 def steps(ledger: dict) -> int:

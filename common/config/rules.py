@@ -10,6 +10,7 @@ from pathlib import Path
 from common.config.sections import (
     BUILT_IN_MODELS,
     MISLABELLED_CANARY,
+    POISSON_SAMPLING,
     SECAGG_MODULUS,
     TRAIN_SET_SIZE,
     AuditConfig,
@@ -136,6 +137,8 @@ def check_run(
             f"num-clients = {clients} is invalid: more clients than "
             f"training samples ({examples}); lower num-clients or raise train-subset"
         )
+    if central.client_sampling == POISSON_SAMPLING:
+        _check_poisson(federation, privacy)
     if privacy.dp_mode == "central":
         _check_central(privacy, central, clients)
     elif examples is not None:  # otherwise each client checks delta against its real size
@@ -156,6 +159,31 @@ def _check_central(privacy: PrivacyConfig, central: CentralConfig, clients: int)
             f"target-delta = {privacy.target_delta:g} is invalid with dp-mode = central: it must "
             f"be below 1/num-clients = {1 / clients:.3g}, or a run could publish a whole "
             "client's update in the clear and still meet it; lower target-delta"
+        )
+
+
+def _check_poisson(federation: FederationConfig, privacy: PrivacyConfig) -> None:
+    """Poisson client sampling is central DP's, and nothing may hang on how many were sampled."""
+    if privacy.dp_mode != "central":
+        raise ConfigError(
+            f"client-sampling = 'poisson' is invalid with dp-mode = {privacy.dp_mode}: it samples "
+            "clients for central DP's client-level accounting; set dp-mode = central, or "
+            "client-sampling = fixed"
+        )
+    if federation.min_train_clients > 1:
+        raise ConfigError(
+            f"min-train-clients = {federation.min_train_clients} is invalid with client-sampling = "
+            "'poisson': skipping a round with few updates would publish how many clients were "
+            "sampled, which the amplification assumes secret; set min-train-clients = 1 (every "
+            "round is released)"
+        )
+    expected = federation.fraction_train * federation.num_clients
+    if expected < 1:
+        raise ConfigError(
+            f"fraction-train = {federation.fraction_train:g} is invalid with client-sampling = "
+            f"'poisson' and num-clients = {federation.num_clients}: it samples {expected:.3g} "
+            "clients a round on average, and the sum of their updates is divided by that; raise "
+            f"it to at least 1/num-clients = {1 / federation.num_clients:.3g}"
         )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from common.config.options import FlatConfig, option, section
 from common.config.rules import check_audit, check_client, check_run, data_source, total_train_examples
 from common.config.sections import (
+    POISSON_SAMPLING,
     AuditConfig,
     CentralConfig,
     DataConfig,
@@ -62,6 +63,12 @@ class RunConfig(FlatConfig):
             self.name, self.federation, self.data, self.training, self.privacy, self.central, self.evaluation, self.secagg
         )
         check_audit(self.audit, self.federation, self.data, self.training, self.privacy, self.secagg)
+
+    @property
+    def participation_secret(self) -> bool:
+        """Whether who trained in a round must stay secret: Poisson client sampling's
+        amplification assumes it, so such a run publishes no per-client outcome or count."""
+        return self.central.client_sampling == POISSON_SAMPLING
 
     def for_clients(self) -> ClientRunConfig:
         """The part of this run a client uses: what the server sends it each round."""

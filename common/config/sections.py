@@ -149,6 +149,10 @@ class PrivacyConfig:
     )
 
 
+#: `client-sampling`: Flower's fixed-size sample, or DP-FedAvg's Poisson sample.
+FIXED_SAMPLING, POISSON_SAMPLING = "fixed", "poisson"
+
+
 @dataclass(frozen=True)
 class CentralConfig:
     """Central DP (`dp-mode = central`): the trusted server clips client updates and noises their sum."""
@@ -161,12 +165,22 @@ class CentralConfig:
     )
     central_noise_multiplier: float = option(
         1.0,
-        "central DP: sigma; the sum of the clipped updates over the planned m clients gets "
-        "noise of std sigma * central-clipping-norm / m",
+        "central DP: sigma; the sum of the clipped updates over the planned number of clients "
+        "(m, or q * num-clients under poisson) gets noise of std sigma * central-clipping-norm "
+        "over that number",
         low=0.0,
     )
     central_clipping_norm: float = option(
         2.0, "central DP: L2 bound on each client's model update per round", low=0.0, low_open=True
+    )
+    client_sampling: str = option(
+        FIXED_SAMPLING,
+        "central DP: fixed: m = floor(fraction-train * num-clients) clients a round, drawn from the "
+        "seed, each release counted as a Gaussian at sigma (sigma / 2 when m < num-clients), no "
+        "amplification; poisson: every client independently with probability q = fraction-train, "
+        "drawn from the OS's random source and kept secret (no per-client files, counts or node "
+        "ids), each release counted as the subsampled Gaussian at sigma, rate q (DP-FedAvg)",
+        choices=(FIXED_SAMPLING, POISSON_SAMPLING),
     )
 
 

@@ -1,21 +1,29 @@
 """Client-level accounting of central DP: the epsilon of the global models a trusted server released.
 
 Each release of DP-FedAvg with a fixed denominator (`server.central_dp`) is a Gaussian
-mechanism over whole clients; the run's client-level epsilon is the composition of those
-releases, counted with an Opacus accountant, and of every other central-DP run on the same
-clients (`CentralLedger`).
+mechanism over whole clients, subsampled when clients are sampled by Poisson; the run's
+client-level epsilon is the composition of those releases, counted with an Opacus
+accountant, and of every other central-DP run on the same clients (`CentralLedger`).
+`ReleaseShape` says how a round's release is formed and counted under each
+`client-sampling`; the server and `dpfl plan` both take it from here, so the plan is what
+the server will count.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from filelock import FileLock
 from opacus.accountants import create_accountant
 
+from common.config import CentralConfig, FederationConfig, clients_per_round
+from common.config.sections import POISSON_SAMPLING
 from common.errors import DpflError
-from common.privacy.accounting import accountant_epsilon
+from common.privacy.accounting import accountant_epsilon, history_epsilon
+from common.privacy.planning import plan_noise_multiplier
 from common.storage import atomic_write
 
 #: One (noise multiplier, sampling rate, releases) entry per run of equal releases.
@@ -24,17 +32,69 @@ Releases = list[tuple[float, float, int]]
 CENTRAL_LEDGER_FILE = "central-ledger.json"
 
 
+@dataclass(frozen=True)
+class ReleaseShape:
+    """How one round's release is formed and counted, whatever sigma.
+
+    The release is global + (sum of the clipped updates) / `denominator` + noise of std
+    sigma * C / `denominator`. One client moves the sum by at most `sensitivity` clipping
+    norms C, so the accountant counts each release at noise multiplier sigma / `sensitivity`,
+    subsampled with `sample_rate`:
+
+    - fixed sampling, everyone every round: denominator m = num-clients, sensitivity 1, rate 1;
+    - fixed sampling of m < num-clients without replacement: removing a sampled client lets
+      another take its place, sensitivity 2; Opacus' accountants model Poisson sampling, not
+      Flower's, so no amplification is claimed (rate 1);
+    - Poisson sampling with probability q: denominator q * num-clients, the *expected* number
+      of clients, fixed whatever number was drawn; adding or removing one client adds or
+      removes at most one update, sensitivity 1; the subsampled Gaussian at rate q (DP-FedAvg,
+      McMahan et al. 2018). The amplification holds only while the sample stays secret.
+    """
+
+    denominator: float
+    sample_rate: float
+    sensitivity: float
+
+    def accounted_noise(self, sigma: float) -> float:
+        """The noise multiplier the accountant counts for central-noise-multiplier `sigma`."""
+        return sigma / self.sensitivity
+
+
+def release_shape(federation: FederationConfig, central: CentralConfig) -> ReleaseShape:
+    """The `ReleaseShape` of a run's rounds, from its federation and central sections."""
+    if central.client_sampling == POISSON_SAMPLING:
+        rate = federation.fraction_train
+        return ReleaseShape(rate * federation.num_clients, rate, 1.0)
+    sampled = clients_per_round(federation)
+    return ReleaseShape(float(sampled), 1.0, 2.0 if sampled < federation.num_clients else 1.0)
+
+
+def central_epsilons(shape: ReleaseShape, sigma: float, rounds: int, mechanism: str, delta: float) -> list[float]:
+    """The client-level epsilon after each of `rounds` releases at central-noise-multiplier `sigma`."""
+    noise = shape.accounted_noise(sigma)
+    return [history_epsilon(((noise, shape.sample_rate, k),), mechanism, delta) for k in range(1, rounds + 1)]
+
+
+def central_noise_for(shape: ReleaseShape, target_epsilon: float, delta: float, rounds: int, mechanism: str) -> float:
+    """The central-noise-multiplier whose client-level epsilon after `rounds` releases is `target_epsilon`.
+
+    The smallest, to within Opacus' planning tolerance (0.01 below the target), found by the
+    same bisection clients plan DP-SGD with, on the accountant the server counts with.
+    Raises ValueError when no noise multiplier Opacus considers is large enough.
+    """
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1, harmlessly
+        noise = plan_noise_multiplier(target_epsilon, delta, shape.sample_rate, rounds, mechanism)
+    return shape.sensitivity * noise
+
+
 class ClientLevelAccountant:
     """The client-level epsilon of the global models a central-DP server has released.
 
-    Every release is the sum of at most m clipped updates (norm <= C) divided by the fixed
-    m, plus noise of std sigma * C / m. When every client takes part in every round,
-    removing one client removes one update: sensitivity C / m, a
-    Gaussian mechanism with noise multiplier sigma, however many updates it summed. When
-    Flower samples m of more clients, a fixed number without replacement, removing a client
-    that was sampled lets another take its place: the release moves by up to 2C / m, so each
-    release counts with noise multiplier sigma / 2 (`server.central_dp` passes that). Subsampling amplification is not
-    claimed (sampling rate 1): Opacus' accountants model Poisson sampling, not Flower's.
+    Every release counts as one step of the Opacus accountant `mechanism` at
+    (`noise_multiplier`, `sample_rate`): the noise multiplier and rate of the run's
+    `ReleaseShape` (`server.central_dp` passes them), so a history is the same
+    (sigma, rate, releases) tuples every other dpfl history is, and `CentralLedger` composes
+    runs of either sampling.
     """
 
     def __init__(
@@ -44,11 +104,13 @@ class ClientLevelAccountant:
         mechanism: str,
         history: Releases | None = None,
         shared: CentralLedger | None = None,
+        sample_rate: float = 1.0,
     ) -> None:
-        """Count releases at `noise_multiplier` (sigma, or sigma / 2 when subsampled) with the
-        Opacus accountant `mechanism`; `history` is this run's releases so far, `shared` holds
-        every other run's on the same clients."""
+        """Count releases at `noise_multiplier` and `sample_rate` with the Opacus accountant
+        `mechanism`; `history` is this run's releases so far, `shared` holds every other run's
+        on the same clients."""
         self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
         self.delta = delta
         self.accountant = create_accountant(mechanism)
         self.accountant.history = list(history or [])
@@ -61,7 +123,7 @@ class ClientLevelAccountant:
 
     def record_release(self) -> None:
         """Count one released global model."""
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         if self.shared is not None:
             self.shared.save(self.history)
 
@@ -72,7 +134,7 @@ class ClientLevelAccountant:
 
     def epsilon_after_next_release(self) -> float:
         """The epsilon once one more global model is released."""
-        return self._epsilon([*self.history, (self.noise_multiplier, 1.0, 1)])
+        return self._epsilon([*self.history, (self.noise_multiplier, self.sample_rate, 1)])
 
     def _epsilon(self, own: Releases) -> float:
         composed = create_accountant(self.accountant.mechanism())

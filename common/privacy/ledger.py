@@ -20,18 +20,19 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from common.errors import DpflError
 from common.privacy.accounting import History, extend_history, history_epsilon
-from common.privacy.planning import NoisePlan, PrivacyBudget
+from common.privacy.planning import PrivacyBudget
 
-LEDGER_FORMAT = 4
-#: Noise plans kept per ledger, oldest dropped first: one per (run, shard).
-MAX_PLANS = 10_000
+LEDGER_FORMAT = 5
+#: Formats this version reads: format 4 also held the runs' noise plans, which now have files
+#: of their own (`client.ledger`); its plans are not carried over (a run in flight plans again).
+READABLE_FORMATS = (4, LEDGER_FORMAT)
 
 
 class LedgerError(DpflError):
@@ -88,13 +89,12 @@ class Group:
 
 @dataclass
 class PrivacyLedger:
-    """The records' budget and histories, the noise plans of runs, and the budget's changes."""
+    """The records' budget and histories, and the budget's changes."""
 
     budget: PrivacyBudget
     #: The accountant that last charged the ledger: the one `epsilon-spent` in the file is from.
     accountant: str = "prv"
     groups: list[Group] = field(default_factory=list)
-    plans: dict[str, NoisePlan] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -145,11 +145,6 @@ class PrivacyLedger:
             self.budget = budget
             self._record("budget", by)
 
-    def keep_plan(self, key: str, plan: NoisePlan) -> None:
-        self.plans[key] = plan
-        while len(self.plans) > MAX_PLANS:
-            del self.plans[next(iter(self.plans))]
-
     def _record(self, event: str, by: str) -> None:
         self.events.append(
             {
@@ -180,7 +175,6 @@ class PrivacyLedger:
                     }
                     for group in self.groups
                 ],
-                "plans": {key: asdict(plan) for key, plan in self.plans.items()},
             },
             indent=1,
         )
@@ -189,7 +183,7 @@ class PrivacyLedger:
     def from_json(cls, text: str) -> PrivacyLedger:
         try:
             data = json.loads(text)
-            if data.get("format") != LEDGER_FORMAT:
+            if data.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"unknown ledger format {data.get('format')!r}")
             if data.get("record-ids") != RECORD_IDS:
                 raise ValueError(f"its records are named by {data.get('record-ids')!r}, not {RECORD_IDS!r}")
@@ -201,7 +195,6 @@ class PrivacyLedger:
                 )
                 for group in data["groups"]
             ]
-            plans = {key: NoisePlan(**plan) for key, plan in data["plans"].items()}
             events = list(data["events"])
             accountant = str(data["accountant"])
         except (ValueError, KeyError, TypeError) as err:
@@ -210,7 +203,7 @@ class PrivacyLedger:
                 "would forget the privacy this data has already spent",
                 "its privacy ledger is unreadable; the data owner must restore it from a backup",
             ) from None
-        return cls(budget, accountant, groups, plans, events)
+        return cls(budget, accountant, groups, events)
 
 
 def _json_float(value: float) -> float | str:

@@ -513,7 +513,11 @@ class RunsRoot:
             for row in self._read(path / ROUNDS_FILE, parse_rounds, []) or []
         ]
         run["clients"], run["clients-file"] = self._clients_of(path, problems)
-        ledger_file = self._ledger_file(path)
+        # Poisson client sampling keeps who trained secret: such a run writes no clients.csv and
+        # no client counts, and its simulated clients' ledger (records charged, histories) would
+        # tell who trained, so it is not shown either.
+        run["participation-secret"] = run["dp-mode"] == "central" and config.get("client-sampling") == "poisson"
+        ledger_file = None if run["participation-secret"] else self._ledger_file(path)
         run["ledger"] = self._read(ledger_file, parse_ledger, problems) if ledger_file else None
         run["config"] = {str(key): value for key, value in config.items() if not isinstance(value, dict)}
         run["files"] = [name for name in DOWNLOADS if _is_regular(path / name)]

@@ -16,9 +16,10 @@ from common.errors import ConfigError
 from simulations.presets import add_config_arguments, load_preset
 
 
-#: Scale runs: every client trains each round over the same 60,000 images, so what grows
-#: with the client count is orchestration, not training.
-SCALE_OVERRIDES = ["num-server-rounds=1", "local-epochs=1", "batch-size=30"]
+#: Scale runs: one round of the preset in which every client trains, all over the same
+#: 60,000 images, so what grows with the client count is the cost per client, not the
+#: training set. Small batches: --set batch-size=2 (several steps an epoch on small shards).
+SCALE_OVERRIDES = ["num-server-rounds=1"]
 
 
 def _save_json(args: argparse.Namespace, overrides: list[str], kind: str, figures: object) -> Path:
@@ -37,14 +38,23 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--scale {args.scale!r} is invalid: give client counts like 10,100,1000") from None
     overrides = [*SCALE_OVERRIDES, *args.set]
-    rows = scale(args.preset, overrides, counts)
-    out = _save_json(args, overrides, "scale", {"preset": args.preset, "overrides": overrides, "runs": rows})
-    print(f"{'clients':>8} {'shard':>6} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'processes':>9} {'accuracy':>9}")
+    rows = scale(args.preset, overrides, counts, args.shard_size)
+    out = _save_json(
+        args, overrides, "scale", {"preset": args.preset, "overrides": overrides, "shard-size": args.shard_size, "runs": rows}
+    )
+    print(
+        f"{'clients':>8} {'shard':>6} {'seconds':>8} {'ms/client-round':>16} {'peak RSS MiB':>13} "
+        f"{'peak PSS MiB':>13} {'processes':>9} {'accuracy':>9}"
+    )
     for row in rows:
+        marginal = row["marginal-ms-per-client-round"]
         print(
-            f"{row['clients']:>8} {row['shard-size']:>6} {row['seconds']:>8.1f} {row['peak-rss-mib']:>13.0f} "
+            f"{row['clients']:>8} {row['shard-size']:>6} {row['seconds']:>8.1f} "
+            f"{'-' if marginal is None else format(marginal, '.1f'):>16} {row['peak-rss-mib']:>13.0f} "
             f"{row['peak-pss-mib']:>13.0f} {row['processes']:>9} {100 * row['test-accuracy']:>8.2f}%"
         )
+    print("(ms/client-round: the extra time over the first run, per extra client-round; per-process memory and")
+    print(" each round's time are in the JSON)")
     print(f"-> {out}")
     return 0
 
@@ -80,6 +90,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--scale",
         metavar="N,N,...",
         help="instead: time and peak memory of a short simulation at each client count, e.g. 10,100,1000",
+    )
+    cmd.add_argument(
+        "--shard-size",
+        type=int,
+        metavar="N",
+        help="with --scale: N images per client in every run (train-subset = N x clients), instead of all runs sharing the training set",
     )
     cmd.add_argument("--out", help="directory for the JSON (default: the preset's output-dir)")
     cmd.set_defaults(handler=_cmd_bench)

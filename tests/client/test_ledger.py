@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from common.errors import ConfigError
 from common.model import build_model
 from common.privacy.planning import PrivacyBudget, plan_noise, plan_noise_multiplier
 from simulations.cli import main as dpfl
+from tests.conftest import saved_plans
 
 SHARD = 300  # tiny_config: 600 images over 2 clients
 BATCH = 50
@@ -88,7 +90,7 @@ def exhaust(config, partition_id=0):
 def test_epsilon_is_cumulative_and_matches_an_independent_accountant(config, accountant):
     config = with_privacy(config, accountant=accountant)
     outcomes = run_rounds(config, node(), "run-1", 3)
-    (plan,) = ledger_json(config.privacy.ledger_dir)["plans"].values()
+    (plan,) = saved_plans(config.privacy.ledger_dir)
     for k, outcome in enumerate(outcomes, start=1):
         expected = independent_epsilon(accountant, [(plan["noise_multiplier"], RATE, k * STEPS)], 1e-5)
         assert outcome.epsilon == pytest.approx(expected, rel=1e-9)
@@ -124,7 +126,7 @@ def test_the_node_config_budget_binds_and_is_written_into_a_new_ledger(config, t
     saved = ledger_json(tmp_path / "own")
     assert (saved["target-epsilon"], saved["target-delta"]) == (1.0, 1e-6)
     assert saved["events"][0]["by"] == "node config"
-    (plan,) = saved["plans"].values()
+    (plan,) = saved_plans(tmp_path / "own")
     planned = plan_noise_multiplier(1.0, 1e-6, RATE, 3 * STEPS, "prv")
     assert plan["noise_multiplier"] == planned
 
@@ -361,3 +363,27 @@ def test_a_fixed_feature_model_trains_its_head_on_features_computed_once(config,
     train_round(model_state, scatnet.for_clients(), node(), "scat", simulated=True)
     assert calls == [SHARD, SHARD]
     assert torch.load(stored, weights_only=True).shape == (SHARD, 81, 7, 7)
+
+
+def test_plans_are_files_named_by_hash_and_a_bad_one_is_planned_again(tmp_path):
+    from dataclasses import replace
+
+    from client.ledger import PLANS_DIR, LedgerFile
+    from common.privacy.planning import NoisePlan
+
+    ledger_file = LedgerFile(tmp_path / "ledger")
+    key = "../../escape:0123456789abcdef"  # a run key is the server's choice: it must not pick a path
+    plan = NoisePlan(key, 1.2, 0.5, 4, 40)
+    ledger_file.keep_plan(key, plan)
+    (saved,) = (tmp_path / "ledger" / PLANS_DIR).glob("*/*.json")
+    assert saved.is_relative_to(tmp_path / "ledger") and ".." not in saved.name
+    assert ledger_file.plan(key) == plan
+    assert ledger_file.plan("other-run:0123456789abcdef") is None
+    for bad in (replace(plan, noise_multiplier=math.nan), replace(plan, noise_multiplier=-1.0), replace(plan, steps_per_round=0)):
+        saved.write_text(json.dumps(bad.__dict__))
+        assert ledger_file.plan(key) is None  # planned again: a plan never overrides the budget check
+    saved.write_text("{not json")
+    assert ledger_file.plan(key) is None
+    ledger_file.keep_plan(key, plan)
+    ledger_file.drop_plans("../../escape")
+    assert not list((tmp_path / "ledger" / PLANS_DIR).glob("*/*.json")) and (tmp_path / "ledger").is_dir()

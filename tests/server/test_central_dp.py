@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import create_accountant
 
-from common.config import CentralConfig, PrivacyConfig, RunConfig
+from common.config import CentralConfig, FederationConfig, PrivacyConfig, RunConfig
 from common.errors import ConfigError
 from common.privacy.central import CentralLedger, ClientLevelAccountant
 from server.central_dp import central_dp
@@ -32,7 +32,7 @@ def privacy(**changes) -> tuple[PrivacyConfig, CentralConfig]:
 
 def wrapped(config: tuple[PrivacyConfig, CentralConfig], sampled: int = 2, history=None):
     strategy = LedgerAwareFedAvg(uniform_weights=True, min_train_nodes=sampled, min_available_nodes=sampled)
-    dp, accountant = central_dp(strategy, *config, sampled, history)
+    dp, accountant = central_dp(strategy, *config, FederationConfig(num_clients=sampled), history)
     dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(list(range(1, sampled + 1))))
     return dp, strategy, accountant
 
@@ -142,7 +142,7 @@ def test_client_level_epsilon_equals_an_independent_opacus_accountant():
 def test_a_round_past_the_central_budget_is_not_started():
     config = privacy(target_epsilon=1.0, central_noise_multiplier=1.0)  # one release costs ~4.4
     strategy = LedgerAwareFedAvg(uniform_weights=True, min_train_nodes=2, min_available_nodes=2)
-    dp, _ = central_dp(strategy, *config, 2)
+    dp, _ = central_dp(strategy, *config, FederationConfig(num_clients=2))
     with pytest.raises(BudgetExhausted, match="central privacy budget is spent"):
         dp.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid([1, 2]))
 
@@ -155,6 +155,12 @@ def test_a_round_past_the_central_budget_is_not_started():
         ({"target-delta": 0.2}, "below 1/num-clients = 0.1"),
         ({"central-clipping": "both"}, "central-clipping = 'both' is invalid: must be one of: server, client"),
         ({"central-clipping-norm": 0}, "central-clipping-norm = 0 is invalid: must be a number > 0"),
+        ({"client-sampling": "uniform"}, "client-sampling = 'uniform' is invalid: must be one of: fixed, poisson"),
+        ({"client-sampling": "poisson", "dp-mode": "local"}, "client-sampling = 'poisson' is invalid with dp-mode = local"),
+        ({"client-sampling": "poisson", "min-train-clients": 2}, "min-train-clients = 2 is invalid with client-sampling = 'poisson'.*set min-train-clients = 1"),
+        ({"client-sampling": "poisson", "fraction-train": 0.05}, "fraction-train = 0.05 is invalid with client-sampling = 'poisson' and num-clients = 10: it samples 0.5 clients"),
+        ({"client-sampling": "poisson", "secure-aggregation": True}, "secure-aggregation = true cannot be combined with dp-mode = central"),
+        ({"client-sampling": "poisson", "target-delta": 0.1}, "target-delta = 0.1 is invalid with dp-mode = central: it must be below 1/num-clients"),
     ],
 )
 def test_bad_central_settings_are_one_line_errors(overrides, message):
@@ -171,14 +177,14 @@ def test_an_unchanged_model_is_left_out_instead_of_crashing_flowers_clipping():
 
 def test_central_dp_refuses_a_strategy_that_weighs_by_examples():
     with pytest.raises(ValueError, match="aggregates uniformly"):
-        central_dp(LedgerAwareFedAvg(), *privacy(), 2)
+        central_dp(LedgerAwareFedAvg(), *privacy(), FederationConfig(num_clients=2))
 
 
 def test_sampling_some_clients_counts_each_release_at_half_the_noise_multiplier():
     """Sampled without replacement, a removed client's place goes to another: sensitivity 2C/m."""
     config = privacy(central_noise_multiplier=2.0)
-    _, everyone = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, 2, None, num_clients=2)
-    _, some = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, 2, None, num_clients=4)
+    _, everyone = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, FederationConfig(num_clients=2))
+    _, some = central_dp(LedgerAwareFedAvg(uniform_weights=True), *config, FederationConfig(num_clients=4, fraction_train=0.5))
     everyone.record_release()
     some.record_release()
     assert everyone.history == [(2.0, 1.0, 1)] and some.history == [(1.0, 1.0, 1)]

@@ -267,6 +267,26 @@ def test_under_central_dp_a_clients_infinite_epsilon_is_not_held_against_the_run
     assert "∞ (non-private) of" not in body["html"]["clients"]
 
 
+def test_a_poisson_sampled_run_shows_no_client_no_count_and_no_ledger(tiny_config, tmp_path):
+    """Who trained is secret under Poisson sampling: nothing is written for the page to show, and
+    the simulated clients' ledger (records charged, from who trained) is not shown."""
+    config = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "runs"))
+    config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, dp_mode="central"))
+    config = dataclasses.replace(config, central=dataclasses.replace(config.central, client_sampling="poisson"))
+    run_dir = RunDirectory.create(config, {})
+    run_dir.record_round(RoundRow(1, 0.9, 0.3, 1.5, 1e-5, None, None, None, None, 10.0), {}, None, [ClientRow(7, TRAINED, 300)])
+    (run_dir.path / "ledgers").mkdir()
+    (run_dir.path / "ledgers" / "privacy-ledger.json").write_text('{"groups": [{"records": 300}], "events": []}')
+    assert not (run_dir.path / CLIENTS_FILE).exists()
+    client = TestClient(create_app(tmp_path / "runs"), base_url=LOCAL)
+    body = client.get(f"/api/runs/{run_dir.path.name}").json()
+    assert body["run"]["clients"] == [] and body["run"]["ledger"] is None and body["html"]["ledger"].strip() == ""
+    assert [(r["trained"], r["refused"], r["unreported"], r["epsilon"]) for r in body["run"]["rounds"]] == [(None, None, None, 1.5)]
+    assert "publishes no per-client figures" in body["html"]["clients"]
+    page = client.get(f"/runs/{run_dir.path.name}").text
+    assert 'id="chart-clients"' not in page and "Privacy ledger" not in page and "older dpfl" not in page
+
+
 def test_a_run_of_1000_clients_lists_every_client(tiny_config, tmp_path):
     config = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "runs"))
     run_dir = RunDirectory.create(config, {})

@@ -48,17 +48,37 @@ def silent(instruction: Message) -> None:
 
 
 class ScriptedGrid:
-    """The part of a Grid that `Strategy.start` uses, answering per node as scripted."""
+    """The part of a Grid that the server uses, answering per node as scripted.
+
+    Every answer is ready at the first pull; a silent node's never comes, so a round with
+    one ends at the round timeout (`SILENT_TIMEOUT` in the tests' configs).
+    """
+
+    pull_interval = 0.01
 
     def __init__(self, answers: dict[int, Answer]) -> None:
         self.answers = answers
+        self.ready: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.answers)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = (self.answers[m.metadata.dst_node_id](m) for m in messages)
-        return [reply for reply in replies if reply is not None]
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"instruction-{len(self.ready)}-{len(ids)}"
+            ids.append(message.metadata.message_id)
+            reply = self.answers[message.metadata.dst_node_id](message)
+            if reply is not None:
+                self.ready[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.ready.pop(i) for i in list(message_ids) if i in self.ready]
+
+
+#: The round timeout of a test with a silent node: its reply never comes.
+SILENT_TIMEOUT = 0.2
 
 
 @pytest.fixture
@@ -74,7 +94,9 @@ def dpfl_logs(caplog):
 
 
 def test_lost_epsilons_bound_the_run_and_nothing_private_is_published(tiny_config, dpfl_logs):
-    config = RunConfig.from_mapping({**tiny_config.to_flat(), "num-clients": 4, "num-server-rounds": 1})
+    config = RunConfig.from_mapping(
+        {**tiny_config.to_flat(), "num-clients": 4, "num-server-rounds": 1, "round-timeout": SILENT_TIMEOUT}
+    )
     run_dir = RunDirectory.create(config)
     grid = ScriptedGrid({1: sound(0.5), 2: crash, 3: silent, 4: sound(0.7)})
 

@@ -1,6 +1,7 @@
 """`dpfl plan`: figures equal to an independent Opacus accountant's, and honest warnings."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.privacy.forecast import forecast
+from common.privacy.forecast import central_forecast, forecast
+from simulations.cli import main
 from simulations.presets import load_preset
 
 
@@ -78,3 +80,32 @@ def test_plan_start_up_loads_only_what_planning_needs():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "False"]
+
+
+CENTRAL = ["dp-mode=central", "num-clients=10", "fraction-train=0.3", "target-delta=1e-3", "target-epsilon=3"]
+CENTRAL += ["num-server-rounds=5", "accountant=rdp", "central-noise-multiplier=1.0"]
+
+
+@pytest.mark.parametrize(
+    "sampling, rate, sensitivity",
+    [("fixed", 1.0, 2.0), ("poisson", 0.3, 1.0)],  # 3 of 10 without replacement: sigma / 2, no amplification
+)
+def test_the_central_plan_is_the_servers_client_level_accounting(sampling, rate, sensitivity):
+    plan = central_forecast(load_preset("smoke", [*CENTRAL, f"client-sampling={sampling}"]))
+    assert (plan.expected_clients, plan.sample_rate, plan.accounted_noise) == (3, rate, 1.0 / sensitivity)
+    for k, epsilon in enumerate(plan.epsilon_by_round, start=1):
+        assert epsilon == pytest.approx(accountant_epsilon("rdp", 1.0 / sensitivity, rate, k, 1e-3), rel=1e-9)
+    # The planned sigma spends the budget in the planned rounds, to within Opacus' tolerance.
+    reached = accountant_epsilon("rdp", plan.target_noise_multiplier / sensitivity, rate, 5, 1e-3)
+    assert 3.0 - 0.011 <= reached <= 3.0
+
+
+def test_the_central_plan_command_says_how_to_reach_the_budget(capsys):
+    assert main(["plan", "--preset", "smoke", *(f"--set={pair}" for pair in [*CENTRAL, "client-sampling=poisson"])]) == 0
+    out = capsys.readouterr().out
+    assert "central DP (client-level), 10 clients, 5 rounds" in out and "below 1/num-clients = 0.1" in out
+    assert "poisson, each client with q = 0.3 a round: 3 expected" in out
+    hint = re.search(r"for epsilon = 3 after 5 rounds: --set central-noise-multiplier=(\d+\.\d{3})\n", out)
+    sigma = float(hint[1])
+    assert 3.0 - 0.02 <= accountant_epsilon("rdp", sigma, 0.3, 5, 1e-3) <= 3.0  # rounded up: within the budget
+    assert "exhausted after round" in out  # sigma = 1 spends 3 before round 5

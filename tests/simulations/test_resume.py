@@ -13,6 +13,7 @@ from opacus.accountants import create_accountant
 
 from server.results import CHECKPOINT_FILE, LEDGERS_DIR, ROUNDS_FILE, SUMMARY_FILE
 from tests.simulations.test_simulate import read_rounds, run_cli
+from tests.conftest import saved_plans
 
 ROUNDS = 4
 
@@ -64,7 +65,7 @@ def test_a_killed_server_resumes_with_every_round_once_and_consistent_ledgers(tm
 
     # Each client kept one noise plan across the kill, and every record's epsilon is what its whole history cost.
     ledger = json.loads((run_dir / LEDGERS_DIR / "privacy-ledger.json").read_text())
-    plans = list(ledger["plans"].values())
+    plans = saved_plans(run_dir / LEDGERS_DIR)
     assert len(plans) == 2 and len({plan["noise_multiplier"] for plan in plans}) == 1  # equal shards, one plan each
     plan = plans[0]
     for group in ledger["groups"]:  # a group per history: the two clients' may differ by a round in flight

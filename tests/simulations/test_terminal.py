@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,19 +152,50 @@ def instructions(count: int) -> list[object]:
 def test_the_bar_counts_replies_and_the_grid_returns_what_flowers_would():
     screen = Terminal()
     grid = ReplyProgress(ScriptedGrid([1, 0, 2]), lambda: "round 4/10", file=screen)
-    replies = grid.send_and_receive(instructions(3), timeout=None)
+    replies = list(grid.send_and_receive(instructions(3), timeout=None))
     assert len(replies) == 3
     drawn = screen.getvalue()
     assert "round 4/10:" in drawn and "1/3 clients replied" in drawn and "3/3 clients replied" in drawn
     assert drawn.endswith("\r")  # cleared: the round's line starts on a clean line
 
 
+def test_where_participation_is_secret_the_bar_counts_nothing():
+    screen = Terminal()
+    grid = ReplyProgress(ScriptedGrid([1, 0, 2]), lambda: "round 4/10", file=screen, count_replies=False)
+    assert len(list(grid.send_and_receive(instructions(3), timeout=None))) == 3
+    drawn = screen.getvalue()
+    assert "round 4/10: waiting for the clients" in drawn
+    assert not re.search(r"[0-9]/3|replied|it/s|[0-9] ?it\b", drawn.replace("round 4/10", ""))
+
+
 def test_the_bar_stops_at_the_round_timeout_and_stays_off_a_pipe():
     pipe = io.StringIO()
     grid = ReplyProgress(ScriptedGrid([1]), lambda: "round 1/2", file=pipe)
-    assert len(grid.send_and_receive(instructions(2), timeout=0.3)) == 1  # the silent client is left out
+    assert len(list(grid.send_and_receive(instructions(2), timeout=0.3))) == 1  # the silent client is left out
     assert pipe.getvalue() == ""
-    assert grid.send_and_receive([], timeout=None) == []
+    assert list(grid.send_and_receive([], timeout=None)) == []
+
+
+def test_replies_reach_the_strategy_as_they_arrive_and_a_list_where_asked():
+    grid = ReplyProgress(ScriptedGrid([1, 0, 0, 2]), lambda: "round 1/1", file=io.StringIO())
+    started = time.perf_counter()
+    replies = grid.send_and_receive(instructions(3), timeout=None)
+    first = next(iter(replies))  # the first pull's reply, before the others have come
+    assert first.metadata.reply_to_message_id == "id-0" and time.perf_counter() - started < ScriptedGrid.pull_interval
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-1", "id-2"]
+    listed = ReplyProgress(ScriptedGrid([1, 2]), lambda: "round 1/1", file=io.StringIO(), stream=False)
+    assert len(listed.send_and_receive(instructions(3), timeout=None)) == 3  # Flower's SecAgg+ workflow gets a list
+
+
+def test_a_stray_or_second_reply_never_reaches_the_strategy():
+    class Repeating(ScriptedGrid):
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            stray = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="not-sent"))
+            return [*replies, *replies, stray]
+
+    grid = ReplyProgress(Repeating([1, 1]), lambda: "round 1/1", file=io.StringIO())
+    assert [r.metadata.reply_to_message_id for r in grid.send_and_receive(instructions(2))] == ["id-0", "id-1"]
 
 
 @pytest.mark.slow
