@@ -76,14 +76,14 @@ class ReplyProgress(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         pending = set(self._grid.push_messages(messages))
+        if not pending:  # as Flower's grids answer: an empty list, which strategies skip without a word
+            return []
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies = self._replies(pending, None if timeout is None else end)
         return replies if self._stream else list(replies)
 
     def _replies(self, pending: set[str], end: float | None) -> Iterator[Message]:
         """The replies to `pending`, each as soon as it is pulled, until all came or `end` passed."""
-        if not pending:
-            return
         pause = getattr(self._grid, "pull_interval", HTTP_PULL_SECONDS)
         counted = "{bar} {n_fmt}/{total_fmt} clients replied" if self._count_replies else "waiting for the clients"
         with tqdm(

@@ -54,6 +54,7 @@ def test_a_killed_server_resumes_with_every_round_once_and_consistent_ledgers(tm
         process.wait()
     assert not (run_dir / SUMMARY_FILE).exists()
     killed_at = len(read_rounds(run_dir))
+    plans = saved_plans(run_dir / LEDGERS_DIR)  # the killed run's: the resumed one must go on with them
 
     resumed = run_cli("simulate", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -65,11 +66,11 @@ def test_a_killed_server_resumes_with_every_round_once_and_consistent_ledgers(tm
 
     # Each client kept one noise plan across the kill, and every record's epsilon is what its whole history cost.
     ledger = json.loads((run_dir / LEDGERS_DIR / "privacy-ledger.json").read_text())
-    plans = saved_plans(run_dir / LEDGERS_DIR)
     assert len(plans) == 2 and len({plan["noise_multiplier"] for plan in plans}) == 1  # equal shards, one plan each
     plan = plans[0]
+    assert saved_plans(run_dir / LEDGERS_DIR) == []  # a finished run's plans are dropped: no round of it comes again
     for group in ledger["groups"]:  # a group per history: the two clients' may differ by a round in flight
-        assert len({sigma for sigma, _, _ in group["history"]}) == 1
+        assert {sigma for sigma, _, _ in group["history"]} == {plan["noise_multiplier"]}
         spent = sum(steps for _, _, steps in group["history"])
         # A round in flight at the kill may have been paid for without being aggregated: it counts.
         assert ROUNDS * plan["steps_per_round"] <= spent <= plan["planned_steps"] + plan["steps_per_round"]
